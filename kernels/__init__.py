@@ -1,1 +1,48 @@
-"""placeholder"""
+"""pagedkv.kernels: Triton kernels for a paged KV cache, their launchers, and a torch reference.
+
+Public ops (each validates its arguments and dispatches to Triton or the torch reference):
+
+- `write_kv`         new keys/values -> their cache slots
+- `paged_attention`  packed queries (decode, prefill, prefill over a cached prefix) over paged K/V
+- `copy_blocks`      whole blocks, every layer in one launch (copy-on-write, fork)
+- `gather_kv`        paged -> contiguous K/V
+
+`reference` holds the same ops in pure torch (the CPU backend). Backend choice: the ``backend=``
+argument, then ``PAGEDKV_BACKEND``, then Triton for CUDA tensors (and for CPU tensors under
+``TRITON_INTERPRET=1``), else torch; `trace_backends()` records which one ran.
+"""
+
+from . import reference
+from ._config import (
+    KernelConfig,
+    clear_tuned_configs,
+    config_key,
+    get_tuned_config,
+    load_tuned_configs,
+    save_tuned_configs,
+    set_tuned_config,
+)
+from ._dispatch import BACKENDS, resolve_backend, trace_backends, triton_interpreted
+from .attention import paged_attention
+from .copy_blocks import copy_blocks
+from .gather_kv import gather_kv
+from .write_kv import write_kv
+
+__all__ = [
+    "BACKENDS",
+    "KernelConfig",
+    "clear_tuned_configs",
+    "config_key",
+    "copy_blocks",
+    "gather_kv",
+    "get_tuned_config",
+    "load_tuned_configs",
+    "paged_attention",
+    "reference",
+    "resolve_backend",
+    "save_tuned_configs",
+    "set_tuned_config",
+    "trace_backends",
+    "triton_interpreted",
+    "write_kv",
+]

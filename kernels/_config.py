@@ -1,0 +1,153 @@
+"""Launch configurations: the explicit `config=` of a launcher, and tuned configs by key.
+
+A launcher picks its config in this order: the caller's ``config=``; a tuned config loaded with
+`load_tuned_configs` (or recorded by an autotuned launch) under the op's key; under the Triton
+interpreter a fixed default (autotuning there is far too slow); otherwise ``triton.autotune``.
+Keys name head_dim, block_size and dtype (and the attention mode), never token counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters; None leaves a field to the launcher.
+
+    paged_attention reads block_m, block_n, num_splits, num_warps, num_stages;
+    write_kv reads block_h, num_warps. Other fields are ignored by an op.
+    """
+
+    block_m: int | None = None  # attention: query rows per program (query tokens x group heads)
+    block_n: int | None = None  # attention: keys per KV tile
+    block_h: int | None = None  # write_kv: kv heads per program
+    num_splits: int | None = None  # attention: split-K partitions of the key range
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"KernelConfig.{field.name} must be a positive int, got {value!r}")
+            powers_of_two = ("block_m", "block_n", "block_h", "num_warps")
+            if field.name in powers_of_two and value & (value - 1):
+                raise ValueError(f"KernelConfig.{field.name} must be a power of 2, got {value}")
+
+    @classmethod
+    def coerce(cls, config: KernelConfig | dict[str, Any] | None) -> KernelConfig | None:
+        """Accept a KernelConfig, a dict of its fields, or None."""
+        if config is None or isinstance(config, KernelConfig):
+            return config
+        if isinstance(config, dict):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(config) - names)
+            if unknown:
+                raise ValueError(
+                    f"unknown KernelConfig fields {unknown}; expected some of {sorted(names)}"
+                )
+            return cls(**config)
+        raise ValueError(
+            f"config must be a KernelConfig, a dict or None, got {type(config).__name__}"
+        )
+
+    def merged(self, defaults: KernelConfig) -> KernelConfig:
+        """This config with its None fields taken from `defaults`."""
+        values = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            values[field.name] = getattr(defaults, field.name) if value is None else value
+        return KernelConfig(**values)
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def config_key(
+    *, head_dim: int, block_size: int, dtype: torch.dtype, mode: str | None = None
+) -> str:
+    """The tuned-config key of a launch, e.g. ``"D128-bs16-bfloat16-decode"``."""
+    key = f"D{head_dim}-bs{block_size}-{str(dtype).removeprefix('torch.')}"
+    return f"{key}-{mode}" if mode else key
+
+
+class TunedConfigs:
+    """op name -> key -> KernelConfig, with a JSON round trip.
+
+    One process-wide instance (`TUNED`) serves the launchers, like Triton's own autotune cache;
+    it only ever holds configs, so a stale entry costs speed, never correctness.
+    """
+
+    def __init__(self) -> None:
+        self._table: dict[str, dict[str, KernelConfig]] = {}
+
+    def get(self, op: str, key: str) -> KernelConfig | None:
+        return self._table.get(op, {}).get(key)
+
+    def set(self, op: str, key: str, config: KernelConfig | dict[str, Any]) -> None:
+        self._table.setdefault(op, {})[key] = KernelConfig.coerce(config)
+
+    def clear(self) -> None:
+        self._table.clear()
+
+    def to_dict(self) -> dict[str, dict[str, dict[str, int]]]:
+        return {
+            op: {key: config.to_dict() for key, config in sorted(table.items())}
+            for op, table in sorted(self._table.items())
+        }
+
+    def update_from_dict(self, data: dict[str, dict[str, dict[str, int]]]) -> None:
+        for op, table in data.items():
+            for key, config in table.items():
+                self.set(op, key, config)
+
+
+TUNED = TunedConfigs()
+
+
+def save_tuned_configs(path: str | os.PathLike) -> None:
+    """Write every tuned config (loaded, set, or picked by autotune in this process) as JSON."""
+    with open(path, "w") as f:
+        json.dump(TUNED.to_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def load_tuned_configs(path: str | os.PathLike, *, replace: bool = False) -> None:
+    """Read configs written by `save_tuned_configs`; launchers use them by key from now on."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object of op -> key -> config, got {type(data).__name__}"
+        )
+    if replace:
+        TUNED.clear()
+    TUNED.update_from_dict(data)
+
+
+def set_tuned_config(op: str, key: str, config: KernelConfig | dict[str, Any]) -> None:
+    """Register the config `op` uses for launches whose key (see `config_key`) is `key`."""
+    TUNED.set(op, key, config)
+
+
+def get_tuned_config(op: str, key: str) -> KernelConfig | None:
+    return TUNED.get(op, key)
+
+
+def clear_tuned_configs() -> None:
+    TUNED.clear()
+
+
+def from_triton_config(config: Any) -> KernelConfig:
+    """The KernelConfig of a `triton.Config` chosen by autotune."""
+    names = {"BLOCK_N": "block_n", "BLOCK_H": "block_h", "BLOCK_M": "block_m"}
+    fields = {names[k]: v for k, v in config.kwargs.items() if k in names}
+    return KernelConfig(num_warps=config.num_warps, num_stages=config.num_stages, **fields)

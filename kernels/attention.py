@@ -1,0 +1,530 @@
+"""paged_attention: one kernel family for decode, prefill, and prefill over a cached prefix.
+
+Each program owns one KV head and a tile of BLOCK_M query rows = BLOCK_Q query tokens x the
+GROUP query heads that share that KV head (GQA/MQA), so every K/V tile is loaded once for the
+whole group and the group forms the M dimension of ``tl.dot``. Keys are walked in tiles of
+BLOCK_N through the block table (a tile may span several pages or part of one). With
+NUM_SPLITS > 1 the key range is split across programs (flash-decoding) and a second kernel merges
+the partial results by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _dispatch, reference
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_vector, check_tensor, next_power_of_2
+from ._config import TUNED, KernelConfig, config_key, from_triton_config
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q: tl.constexpr):
+    """Binary search: the sequence whose q-blocks include `q_block_id`. Sequence i's q-blocks
+    start at query_start_loc[i] // BLOCK_Q + i, an upper bound that needs no prefix sum."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_block = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_block <= q_block_id:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_tile(
+    tile, q, q_pos, row_valid, m_i, l_i, acc, kv_hi, bt_row_ptr, stride_bt_n,
+    key_cache_ptr, value_cache_ptr, kv_head, offs_d, d_valid,
+    stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
+    stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
+    scale, softcap, sliding_window,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    """One online-softmax step over key tile `tile`: returns the updated (m_i, l_i, acc).
+    q: [BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: [BLOCK_M] (log2 domain); acc: [BLOCK_M, HEAD_DIM_PAD]."""
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < kv_hi  # never touch a slot at or past seq_len
+    block = tl.load(bt_row_ptr + (offs_n // BLOCK_SIZE) * stride_bt_n, mask=n_valid, other=0)
+    block = block.to(tl.int64)
+    offset = offs_n % BLOCK_SIZE
+
+    # k: [HEAD_DIM_PAD, BLOCK_N]
+    k = tl.load(
+        key_cache_ptr + block[None, :] * stride_kc_b + offset[None, :] * stride_kc_o
+        + kv_head * stride_kc_h + offs_d[:, None] * stride_kc_d,
+        mask=n_valid[None, :] & d_valid[:, None],
+        other=0.0,
+    )
+    # s: [BLOCK_M, BLOCK_N] fp32; fp32 caches get a true fp32 dot, not tf32
+    s = tl.dot(q, k, input_precision="ieee") if FP32_DOT else tl.dot(q, k)
+    if USE_SOFTCAP:
+        # softcap * tanh(s * scale / softcap), tanh written with exp2 (no libdevice needed)
+        z = s * (scale / softcap)
+        t = 1.0 - 2.0 / (tl.exp2(z * (2.0 * 1.4426950408889634)) + 1.0)
+        s = t * (softcap * 1.4426950408889634)
+    else:
+        s = s * (scale * 1.4426950408889634)  # fold log2(e): the softmax uses exp2
+
+    visible = row_valid[:, None] & n_valid[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        visible = visible & (q_pos[:, None] - offs_n[None, :] < sliding_window)
+    s = tl.where(visible, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    # v: [BLOCK_N, HEAD_DIM_PAD]
+    v = tl.load(
+        value_cache_ptr + block[:, None] * stride_vc_b + offset[:, None] * stride_vc_o
+        + kv_head * stride_vc_h + offs_d[None, :] * stride_vc_d,
+        mask=n_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    if FP32_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
+def _paged_attention_kernel(
+    # pointers
+    query_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,
+    partial_out_ptr,  # [NUM_SPLITS, num_tokens, num_q_heads, HEAD_DIM_PAD] fp32 (NUM_SPLITS > 1)
+    partial_lse_ptr,  # [NUM_SPLITS, num_tokens, num_q_heads] fp32, log2 domain
+    # sizes and scalars
+    num_seqs,
+    scale,
+    softcap,
+    sliding_window,
+    # strides
+    stride_q_t, stride_q_h, stride_q_d,
+    stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
+    stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
+    stride_bt_b, stride_bt_n,
+    stride_o_t, stride_o_h, stride_o_d,
+    stride_po_s, stride_po_t, stride_po_h,
+    stride_pl_s, stride_pl_t,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    IS_DECODE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
+):
+    # query, out:             [num_tokens, num_q_heads, head_dim], packed over sequences
+    # key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim] (any strides)
+    # block_tables:           [num_seqs, max_blocks]; seq_lens: [num_seqs]
+    # query_start_loc:        [num_seqs + 1] (unused when IS_DECODE: one query per sequence)
+    # grid:                   (q-blocks, num_kv_heads, NUM_SPLITS)
+    q_block_id = tl.program_id(0)
+    kv_head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+
+    if IS_DECODE:
+        seq = q_block_id
+        q_start = q_block_id
+        q_len = tl.full([], 1, tl.int32)
+        q_block = q_block_id * 0
+    else:
+        seq = _find_seq(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q)
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        q_block = q_block_id - (q_start // BLOCK_Q + seq)
+    q_first = q_block * BLOCK_Q  # first query of this tile, counted within the sequence
+    if q_first >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+
+    # Rows: query token (row // GROUP_PAD) x query head of the group (row % GROUP_PAD).
+    offs_m = tl.arange(0, BLOCK_M)
+    q_idx = q_first + offs_m // GROUP_PAD
+    head_in_group = offs_m % GROUP_PAD
+    row_valid = (offs_m // GROUP_PAD < BLOCK_Q) & (q_idx < q_len) & (head_in_group < GROUP)
+    q_head = kv_head * GROUP + head_in_group
+    q_token = (q_start + q_idx).to(tl.int64)
+    q_pos = seq_len - q_len + q_idx  # position of each row's query; negative for left padding
+
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    q = tl.load(
+        query_ptr + q_token[:, None] * stride_q_t + q_head[:, None] * stride_q_h
+        + offs_d[None, :] * stride_q_d,
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+
+    # The keys this tile may see: [kv_lo, kv_hi), cut into BLOCK_N tiles shared among splits.
+    pos_first = seq_len - q_len + q_first
+    pos_last = seq_len - q_len + tl.minimum(q_first + BLOCK_Q, q_len) - 1
+    kv_hi = seq_len
+    if CAUSAL:
+        kv_hi = tl.minimum(kv_hi, pos_last + 1)
+    kv_lo = 0
+    if USE_WINDOW:
+        kv_lo = tl.maximum(pos_first - sliding_window + 1, 0)
+    tile_lo = kv_lo // BLOCK_N
+    num_tiles = tl.maximum(tl.cdiv(kv_hi, BLOCK_N) - tile_lo, 0)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_start = tile_lo + split * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, tile_lo + num_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
+    # The interpreter keeps scalars as 1-element arrays, which numpy >= 2.3 refuses as range()
+    # bounds; it walks the tiles with a while loop. Compiled kernels use `for`, which Triton
+    # software-pipelines (num_stages); the loop body is the same function either way.
+    if WHILE_LOOP:
+        tile = tile_start
+        while tile < tile_end:
+            m_i, l_i, acc = _attend_tile(
+                tile, q, q_pos, row_valid, m_i, l_i, acc, kv_hi, bt_row_ptr, stride_bt_n,
+                key_cache_ptr, value_cache_ptr, kv_head, offs_d, d_valid,
+                stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
+                stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
+                scale, softcap, sliding_window,
+                BLOCK_SIZE, BLOCK_N, CAUSAL, USE_WINDOW, USE_SOFTCAP, FP32_DOT,
+            )
+            tile += 1
+    else:
+        for tile in range(tile_start, tile_end):
+            m_i, l_i, acc = _attend_tile(
+                tile, q, q_pos, row_valid, m_i, l_i, acc, kv_hi, bt_row_ptr, stride_bt_n,
+                key_cache_ptr, value_cache_ptr, kv_head, offs_d, d_valid,
+                stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
+                stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
+                scale, softcap, sliding_window,
+                BLOCK_SIZE, BLOCK_N, CAUSAL, USE_WINDOW, USE_SOFTCAP, FP32_DOT,
+            )
+
+    # A row that saw no key (l_i == 0) outputs exactly 0.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    out_mask = row_valid[:, None] & d_valid[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = (
+            out_ptr + q_token[:, None] * stride_o_t + q_head[:, None] * stride_o_h
+            + offs_d[None, :] * stride_o_d
+        )
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        split_off = split.to(tl.int64)
+        po_ptrs = (
+            partial_out_ptr + split_off * stride_po_s + q_token[:, None] * stride_po_t
+            + q_head[:, None] * stride_po_h + offs_d[None, :]
+        )
+        tl.store(po_ptrs, o, mask=out_mask)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(partial_lse_ptr + split_off * stride_pl_s + q_token * stride_pl_t + q_head, lse,
+                 mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    # pointers
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    # strides
+    stride_po_s, stride_po_t, stride_po_h,
+    stride_pl_s, stride_pl_t,
+    stride_o_t, stride_o_h, stride_o_d,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    # partial_out: [NUM_SPLITS, num_tokens, num_q_heads, HEAD_DIM_PAD] fp32, each split normalised
+    # partial_lse: [NUM_SPLITS, num_tokens, num_q_heads] fp32 log2-sum-exp, -inf = saw no key
+    # out:         [num_tokens, num_q_heads, head_dim]
+    # grid:        (num_tokens, num_q_heads)
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_valid = offs_s < NUM_SPLITS
+    d_valid = offs_d < HEAD_DIM
+
+    lse = tl.load(
+        partial_lse_ptr + offs_s * stride_pl_s + token * stride_pl_t + head,
+        mask=s_valid,
+        other=float("-inf"),
+    )
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight = tl.exp2(lse - lse_max)  # 0 for splits that saw no key
+    total = tl.sum(weight, 0)
+    o = tl.load(
+        partial_out_ptr + offs_s[:, None] * stride_po_s + token * stride_po_t + head * stride_po_h
+        + offs_d[None, :],
+        mask=s_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    o = tl.sum(o * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d * stride_o_d,
+             o.to(out_ptr.dtype.element_ty), mask=d_valid)
+
+
+def _keep(config: triton.Config) -> bool:
+    block_n, num_warps = config.kwargs["BLOCK_N"], config.num_warps
+    return not (block_n >= 128 and num_warps < 4) and not (block_n <= 32 and num_warps > 4)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
+    """Drop tiles whose K+V stages overflow shared memory (~200 KB on H100) for this head dim."""
+    args = {**named_args, **kwargs}
+    head_dim_pad = int(args.get("HEAD_DIM_PAD", 128))
+    elem = 4 if args.get("FP32_DOT") else 2
+    kept = [
+        c for c in configs
+        if 2 * c.kwargs["BLOCK_N"] * head_dim_pad * elem * max(c.num_stages, 1) <= 160 * 1024
+        and (head_dim_pad < 256 or c.kwargs["BLOCK_N"] <= 64)
+    ]
+    return kept or configs[:1]
+
+
+_AUTOTUNE_CONFIGS = list(
+    filter(
+        _keep,
+        [
+            triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+            for block_n in (32, 64, 128)
+            for num_warps in (2, 4, 8)
+            for num_stages in (2, 3)
+        ],
+    )
+)
+
+_paged_attention_kernel_tuned = triton.autotune(
+    configs=_AUTOTUNE_CONFIGS,
+    key=["HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "IS_DECODE"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_paged_attention_kernel)
+
+
+def choose_num_splits(num_programs: int, max_context: int, block_n: int, num_sms: int) -> int:
+    """Split-K factor: enough programs to fill ~2 waves of SMs, at least 4 key tiles per split,
+    at most 64 splits. `max_context` is an upper bound (block table width x block size), so no
+    device->host sync is needed."""
+    if num_programs >= num_sms or max_context <= 0:
+        return 1
+    wanted = math.ceil(2 * num_sms / max(num_programs, 1))
+    tiles = math.ceil(max_context / block_n)
+    return max(1, min(wanted, tiles // 4, 64))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _default_config(is_decode: bool, head_dim_pad: int, group_pad: int) -> KernelConfig:
+    prefill_block_m = 128 if head_dim_pad <= 64 else 64
+    block_m = 16 if is_decode else prefill_block_m
+    return KernelConfig(
+        block_m=max(block_m, group_pad),
+        block_n=64 if head_dim_pad <= 128 else 32,
+        num_warps=4,
+        num_stages=2,
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    query_start_loc: torch.Tensor | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+    config: KernelConfig | dict | None = None,
+) -> torch.Tensor:
+    """Attention of packed queries over a paged KV cache.
+
+    query ``[T, Hq, D]`` packed over B sequences; key_cache/value_cache
+    ``[num_blocks, block_size, Hkv, D]`` (any strides; Hq % Hkv == 0, query head h reads kv head
+    h // (Hq // Hkv)); block_tables ``[B, max_blocks]`` int32; seq_lens ``[B]`` int32 = keys in the
+    cache per sequence, the queries' own K/V included; query_start_loc ``[B + 1]`` int32
+    cumulative query counts, None for decode (T == B, one query per sequence).
+
+    Sequence i's queries are its last q_len_i tokens: query j sits at position
+    p = seq_len_i - q_len_i + j and sees key k iff k < seq_len_i, (not causal or k <= p) and
+    (sliding_window is None or p - k < sliding_window). Scores are (q . k) * scale, then
+    softcap * tanh(scores / softcap) if softcap is set; softmax and accumulation in fp32. A query
+    that sees no key (q_len_i > seq_len_i left padding) outputs exactly 0. Returns ``[T, Hq, D]``
+    in the query dtype (written into ``out`` if given).
+
+    config: a KernelConfig (or dict) with block_m, block_n, num_splits, num_warps, num_stages.
+    """
+    check_tensor(query, "query", shape=(None, None, None), dtypes=FLOAT_DTYPES)
+    num_tokens, num_q_heads, head_dim = query.shape
+    device = query.device
+    check_tensor(key_cache, "key_cache", shape=(None, None, None, head_dim), dtypes=FLOAT_DTYPES,
+                 device=device)
+    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
+    check_tensor(value_cache, "value_cache", shape=tuple(key_cache.shape),
+                 dtypes=(key_cache.dtype,), device=device)
+    if key_cache.dtype != query.dtype:
+        raise ValueError(
+            f"key_cache dtype {key_cache.dtype} differs from query dtype {query.dtype}; cast one"
+        )
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"query heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})"
+        )
+    check_tensor(block_tables, "block_tables", shape=(None, None), dtypes=INDEX_DTYPES,
+                 device=device)
+    num_seqs, max_blocks = block_tables.shape
+    check_index_vector(seq_lens, "seq_lens", length=num_seqs, device=device)
+    if query_start_loc is None:
+        if num_tokens != num_seqs:
+            raise ValueError(
+                f"decode (query_start_loc=None) needs one query per sequence: query has "
+                f"{num_tokens} tokens, block_tables {num_seqs} sequences"
+            )
+    else:
+        check_index_vector(query_start_loc, "query_start_loc", length=num_seqs + 1, device=device)
+    if out is not None:
+        check_tensor(out, "out", shape=tuple(query.shape), dtypes=(query.dtype,), device=device)
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
+    config = KernelConfig.coerce(config)
+
+    backend = _dispatch.resolve_backend(backend, device)
+    _dispatch.record("paged_attention", backend)
+    if backend == "torch":
+        return reference.paged_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, scale=scale,
+            query_start_loc=query_start_loc, causal=causal, sliding_window=sliding_window,
+            softcap=softcap, out=out,
+        )
+
+    if out is None:
+        out = torch.empty_like(query)
+    if num_tokens == 0:
+        return out
+    is_decode = query_start_loc is None
+    group = num_q_heads // num_kv_heads
+    group_pad = next_power_of_2(group)
+    head_dim_pad = max(next_power_of_2(head_dim), 16)
+    mode = "decode" if is_decode else "prefill"
+    key_str = config_key(head_dim=head_dim, block_size=block_size, dtype=query.dtype, mode=mode)
+
+    if config is None:
+        config = TUNED.get("paged_attention", key_str)
+    autotune = config is None and not _dispatch.triton_interpreted()
+    config = (config or KernelConfig()).merged(_default_config(is_decode, head_dim_pad, group_pad))
+    block_m = max(config.block_m, group_pad, 16)
+    block_q = block_m // group_pad
+    # decode: one q-block per sequence; else an upper bound on the q-blocks (see _find_seq)
+    num_q_blocks = num_seqs if is_decode else num_tokens // block_q + num_seqs
+
+    num_splits = config.num_splits
+    if num_splits is None:
+        num_splits = choose_num_splits(
+            num_q_blocks * num_kv_heads, max_blocks * block_size, config.block_n, _num_sms(device)
+        )
+    if num_splits > 1:
+        partial_out = torch.empty(
+            num_splits, num_tokens, num_q_heads, head_dim_pad, dtype=torch.float32, device=device
+        )
+        partial_lse = torch.empty(
+            num_splits, num_tokens, num_q_heads, dtype=torch.float32, device=device
+        )
+    else:
+        partial_out = partial_lse = out  # unused placeholders
+    po_strides = partial_out.stride()[:3] if num_splits > 1 else (0, 0, 0)
+    pl_strides = partial_lse.stride()[:2] if num_splits > 1 else (0, 0)
+
+    args = (
+        query, key_cache, value_cache, block_tables, seq_lens,
+        seq_lens if query_start_loc is None else query_start_loc,
+        out, partial_out, partial_lse,
+        num_seqs, float(scale), float(softcap or 1.0), int(sliding_window or 0),
+        *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride(),
+        *out.stride(), *po_strides, *pl_strides,
+    )
+    meta = {
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": head_dim_pad,
+        "BLOCK_SIZE": block_size,
+        "GROUP": group,
+        "GROUP_PAD": group_pad,
+        "BLOCK_M": block_m,
+        "BLOCK_Q": block_q,
+        "NUM_SPLITS": num_splits,
+        "IS_DECODE": is_decode,
+        "CAUSAL": bool(causal),
+        "USE_WINDOW": sliding_window is not None,
+        "USE_SOFTCAP": softcap is not None,
+        "FP32_DOT": query.dtype == torch.float32,
+        "WHILE_LOOP": _dispatch.triton_interpreted(),
+    }
+    grid = (num_q_blocks, num_kv_heads, num_splits)
+    if autotune:
+        _paged_attention_kernel_tuned[grid](*args, **meta)
+        tuned = from_triton_config(_paged_attention_kernel_tuned.best_config)
+        TUNED.set("paged_attention", key_str, tuned)
+    else:
+        _paged_attention_kernel[grid](
+            *args, **meta, BLOCK_N=config.block_n, num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_q_heads)](
+            partial_out, partial_lse, out,
+            *partial_out.stride()[:3], *partial_lse.stride()[:2], *out.stride(),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out

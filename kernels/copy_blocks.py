@@ -1,0 +1,150 @@
+"""copy_blocks: copy whole blocks (every layer, keys and values) for copy-on-write and fork."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _dispatch, reference
+from ._checks import FLOAT_DTYPES, check_tensor, next_power_of_2
+
+
+@triton.jit
+def _copy_blocks_kernel(
+    # pointers
+    key_cache_ptr,  # layer 0's key cache; its element type types the pointer table too
+    value_cache_ptr,
+    key_layer_ptrs_ptr,  # [num_layers] int64 data pointers (USE_PTR_TABLE only)
+    value_layer_ptrs_ptr,
+    block_mapping_ptr,
+    # sizes
+    num_kv_heads,
+    # strides
+    stride_layer_k, stride_layer_v,  # elements from one layer's cache to the next (pool mode)
+    stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
+    stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
+    stride_map_n,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    USE_PTR_TABLE: tl.constexpr,
+):
+    # key/value caches, per layer: [num_blocks, block_size, num_kv_heads, head_dim] (any strides)
+    # block_mapping:               [num_pairs, 2] (src, dst)
+    # grid:                        (num_pairs, num_layers, block_size)
+    pair = tl.program_id(0).to(tl.int64)
+    layer = tl.program_id(1).to(tl.int64)
+    offset = tl.program_id(2).to(tl.int64)
+    src = tl.load(block_mapping_ptr + pair * stride_map_n).to(tl.int64)
+    dst = tl.load(block_mapping_ptr + pair * stride_map_n + 1).to(tl.int64)
+
+    if USE_PTR_TABLE:
+        k_base = tl.load(key_layer_ptrs_ptr + layer).to(key_cache_ptr.dtype)
+        v_base = tl.load(value_layer_ptrs_ptr + layer).to(value_cache_ptr.dtype)
+    else:
+        k_base = key_cache_ptr + layer * stride_layer_k
+        v_base = value_cache_ptr + layer * stride_layer_v
+
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k_row = offset * stride_kc_o + offs_h[:, None] * stride_kc_h + offs_d[None, :] * stride_kc_d
+    v_row = offset * stride_vc_o + offs_h[:, None] * stride_vc_h + offs_d[None, :] * stride_vc_d
+
+    k = tl.load(k_base + src * stride_kc_b + k_row, mask=mask)
+    v = tl.load(v_base + src * stride_vc_b + v_row, mask=mask)
+    tl.store(k_base + dst * stride_kc_b + k_row, k, mask=mask)
+    tl.store(v_base + dst * stride_vc_b + v_row, v, mask=mask)
+
+
+def _layer_stride(caches: list[torch.Tensor]) -> int | None:
+    """Elements between consecutive layers' caches if they are evenly spaced views of one
+    storage (the block-major pool), else None."""
+    first = caches[0]
+    if any(c.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for c in caches):
+        return None
+    if len(caches) == 1:
+        return 0
+    step_bytes = caches[1].data_ptr() - first.data_ptr()
+    if step_bytes % first.element_size():
+        return None
+    if any(c.data_ptr() - first.data_ptr() != i * step_bytes for i, c in enumerate(caches)):
+        return None
+    return step_bytes // first.element_size()
+
+
+def copy_blocks(
+    key_caches: list[torch.Tensor],
+    value_caches: list[torch.Tensor],
+    block_mapping: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Copy block ``block_mapping[i, 0]`` to ``block_mapping[i, 1]`` in every layer's key and
+    value cache, in ONE kernel launch.
+
+    key_caches/value_caches: one ``[num_blocks, block_size, Hkv, D]`` cache per layer, all of one
+    shape, dtype and strides. block_mapping: ``[N, 2]`` int64 (or int32) (src, dst) pairs; dst
+    blocks must be distinct and must not also be sources (copies run in parallel).
+    When the layers are evenly spaced views of one storage (the block-major pool) the kernel
+    walks them from one base pointer; otherwise it reads a table of per-layer data pointers.
+    """
+    if not isinstance(key_caches, (list, tuple)) or not isinstance(value_caches, (list, tuple)):
+        raise ValueError("key_caches and value_caches must be lists of tensors (one per layer)")
+    if len(key_caches) != len(value_caches) or not key_caches:
+        raise ValueError(
+            f"need one key and one value cache per layer, got {len(key_caches)} key and "
+            f"{len(value_caches)} value caches"
+        )
+    first = key_caches[0]
+    check_tensor(first, "key_caches[0]", shape=(None, None, None, None), dtypes=FLOAT_DTYPES)
+    num_blocks, block_size, num_kv_heads, head_dim = first.shape
+    device = first.device
+    for name, caches in (("key_caches", key_caches), ("value_caches", value_caches)):
+        for i, cache in enumerate(caches):
+            check_tensor(cache, f"{name}[{i}]", shape=tuple(first.shape), dtypes=(first.dtype,),
+                         device=device)
+            if cache.stride() != caches[0].stride():
+                raise ValueError(
+                    f"{name}[{i}] has strides {cache.stride()}, expected {caches[0].stride()} "
+                    f"(those of {name}[0])"
+                )
+    check_tensor(block_mapping, "block_mapping", shape=(None, 2), dtypes=(torch.int32, torch.int64),
+                 device=device)
+    if block_mapping.stride(1) != 1:
+        raise ValueError(
+            f"block_mapping must have unit stride in dim 1, got {block_mapping.stride(1)}"
+        )
+
+    backend = _dispatch.resolve_backend(backend, device)
+    _dispatch.record("copy_blocks", backend)
+    if backend == "torch":
+        reference.copy_blocks(list(key_caches), list(value_caches), block_mapping)
+        return
+    num_pairs, num_layers = block_mapping.shape[0], len(key_caches)
+    if num_pairs == 0:
+        return
+
+    key_step, value_step = _layer_stride(list(key_caches)), _layer_stride(list(value_caches))
+    use_ptr_table = key_step is None or value_step is None
+    if use_ptr_table:
+        key_ptrs = torch.tensor([c.data_ptr() for c in key_caches], dtype=torch.int64)
+        value_ptrs = torch.tensor([c.data_ptr() for c in value_caches], dtype=torch.int64)
+        key_ptrs, value_ptrs = key_ptrs.to(device), value_ptrs.to(device)
+        key_step = value_step = 0
+    else:
+        key_ptrs = value_ptrs = block_mapping  # unused placeholders
+    vc0 = value_caches[0]
+    grid = (num_pairs, num_layers, block_size)
+    _copy_blocks_kernel[grid](
+        first, vc0, key_ptrs, value_ptrs, block_mapping,
+        num_kv_heads,
+        key_step, value_step, *first.stride(), *vc0.stride(), block_mapping.stride(0),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
+        HEADS_PAD=next_power_of_2(num_kv_heads),
+        USE_PTR_TABLE=use_ptr_table,
+        num_warps=4,
+    )

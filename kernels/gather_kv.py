@@ -1,0 +1,126 @@
+"""gather_kv: paged -> contiguous K/V, for models whose attention bypasses the registry."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _dispatch, reference
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_vector, check_tensor, next_power_of_2
+
+
+@triton.jit(do_not_specialize=["max_positions"])
+def _gather_kv_kernel(
+    # pointers
+    key_cache_ptr,
+    value_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    seq_starts_ptr,
+    key_out_ptr,
+    value_out_ptr,
+    # sizes
+    num_kv_heads,
+    max_positions,
+    # strides
+    stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
+    stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
+    stride_bt_b, stride_bt_n,
+    stride_ko_t, stride_ko_h, stride_ko_d,
+    stride_vo_t, stride_vo_h, stride_vo_d,
+    # meta-parameters
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+):
+    # key/value cache: [num_blocks, block_size, num_kv_heads, head_dim] (any strides)
+    # block_tables:    [num_seqs, max_blocks]; seq_lens, seq_starts: [num_seqs]
+    # key/value out:   [sum(seq_lens), num_kv_heads, head_dim]
+    # grid:            (num_seqs, max_positions); one program per (sequence, position)
+    seq = tl.program_id(0).to(tl.int64)
+    pos = tl.program_id(1).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if pos >= seq_len:
+        return
+    block = tl.load(block_tables_ptr + seq * stride_bt_b + (pos // BLOCK_SIZE) * stride_bt_n)
+    block = block.to(tl.int64)
+    offset = pos % BLOCK_SIZE
+    token = tl.load(seq_starts_ptr + seq).to(tl.int64) + pos
+
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(
+        key_cache_ptr + block * stride_kc_b + offset * stride_kc_o
+        + offs_h[:, None] * stride_kc_h + offs_d[None, :] * stride_kc_d,
+        mask=mask,
+    )
+    v = tl.load(
+        value_cache_ptr + block * stride_vc_b + offset * stride_vc_o
+        + offs_h[:, None] * stride_vc_h + offs_d[None, :] * stride_vc_d,
+        mask=mask,
+    )
+    ko_ptrs = (
+        key_out_ptr + token * stride_ko_t + offs_h[:, None] * stride_ko_h
+        + offs_d[None, :] * stride_ko_d
+    )
+    vo_ptrs = (
+        value_out_ptr + token * stride_vo_t + offs_h[:, None] * stride_vo_h
+        + offs_d[None, :] * stride_vo_d
+    )
+    tl.store(ko_ptrs, k, mask=mask)
+    tl.store(vo_ptrs, v, mask=mask)
+
+
+def gather_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_tokens: int | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged -> contiguous, the inverse of `write_kv`.
+
+    key_cache/value_cache ``[num_blocks, block_size, Hkv, D]``, block_tables ``[B, max_blocks]``,
+    seq_lens ``[B]``. Returns key, value ``[sum(seq_lens), Hkv, D]`` packed in sequence order.
+    Pass ``num_tokens=sum(seq_lens)`` if known, to spare a device->host sync.
+    """
+    check_tensor(key_cache, "key_cache", shape=(None, None, None, None), dtypes=FLOAT_DTYPES)
+    num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+    device = key_cache.device
+    check_tensor(value_cache, "value_cache", shape=tuple(key_cache.shape),
+                 dtypes=(key_cache.dtype,), device=device)
+    check_tensor(block_tables, "block_tables", shape=(None, None), dtypes=INDEX_DTYPES,
+                 device=device)
+    num_seqs, max_blocks = block_tables.shape
+    check_index_vector(seq_lens, "seq_lens", length=num_seqs, device=device)
+
+    backend = _dispatch.resolve_backend(backend, device)
+    _dispatch.record("gather_kv", backend)
+    if backend == "torch":
+        return reference.gather_kv(key_cache, value_cache, block_tables, seq_lens)
+
+    if num_tokens is None:
+        num_tokens = int(seq_lens.sum())
+    key = key_cache.new_empty(num_tokens, num_kv_heads, head_dim)
+    value = value_cache.new_empty(num_tokens, num_kv_heads, head_dim)
+    max_positions = max_blocks * block_size
+    if num_tokens == 0 or max_positions == 0:
+        return key, value
+    seq_starts = torch.cumsum(seq_lens, 0, dtype=torch.int64) - seq_lens
+    _gather_kv_kernel[(num_seqs, max_positions)](
+        key_cache, value_cache, block_tables, seq_lens, seq_starts, key, value,
+        num_kv_heads, max_positions,
+        *key_cache.stride(), *value_cache.stride(), *block_tables.stride(),
+        *key.stride(), *value.stride(),
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
+        HEADS_PAD=next_power_of_2(num_kv_heads),
+        num_warps=4,
+    )
+    return key, value

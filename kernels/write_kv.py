@@ -1,0 +1,171 @@
+"""write_kv: scatter new keys/values into their paged cache slots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _dispatch, reference
+from ._checks import FLOAT_DTYPES, check_index_vector, check_tensor, next_power_of_2
+from ._config import TUNED, KernelConfig, config_key, from_triton_config
+
+
+@triton.jit
+def _write_kv_kernel(
+    # pointers
+    key_ptr,
+    value_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_mapping_ptr,
+    # sizes
+    num_kv_heads,
+    # strides
+    stride_k_t, stride_k_h, stride_k_d,
+    stride_v_t, stride_v_h, stride_v_d,
+    stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
+    stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
+    # meta-parameters
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # key, value:             [num_tokens, num_kv_heads, head_dim]
+    # key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim] (any strides)
+    # slot_mapping:           [num_tokens], slot = block * BLOCK_SIZE + offset, -1 = skip
+    # grid:                   (num_tokens, cdiv(num_kv_heads, BLOCK_H))
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    k = tl.load(
+        key_ptr + token * stride_k_t + offs_h[:, None] * stride_k_h
+        + offs_d[None, :] * stride_k_d,
+        mask=mask,
+    )
+    v = tl.load(
+        value_ptr + token * stride_v_t + offs_h[:, None] * stride_v_h
+        + offs_d[None, :] * stride_v_d,
+        mask=mask,
+    )
+    kc_ptrs = (
+        key_cache_ptr + block * stride_kc_b + offset * stride_kc_o
+        + offs_h[:, None] * stride_kc_h + offs_d[None, :] * stride_kc_d
+    )
+    vc_ptrs = (
+        value_cache_ptr + block * stride_vc_b + offset * stride_vc_o
+        + offs_h[:, None] * stride_vc_h + offs_d[None, :] * stride_vc_d
+    )
+    tl.store(kc_ptrs, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptrs, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _keep(config: triton.Config) -> bool:
+    return config.kwargs["BLOCK_H"] * 64 >= 32 * config.num_warps  # >= 1 row of 64 per warp
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
+    args = {**named_args, **kwargs}
+    heads_pad = next_power_of_2(int(args.get("num_kv_heads", 1)))
+    kept = [c for c in configs if c.kwargs["BLOCK_H"] <= heads_pad]
+    return kept or configs[:1]
+
+
+_AUTOTUNE_CONFIGS = list(
+    filter(
+        _keep,
+        [
+            triton.Config({"BLOCK_H": block_h}, num_warps=num_warps, num_stages=1)
+            for block_h in (1, 2, 4, 8)
+            for num_warps in (1, 2, 4, 8)
+        ],
+    )
+)
+
+_write_kv_kernel_tuned = triton.autotune(
+    configs=_AUTOTUNE_CONFIGS,
+    key=["HEAD_DIM", "BLOCK_SIZE"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_write_kv_kernel)
+
+
+def _default_config(num_kv_heads: int, head_dim: int) -> KernelConfig:
+    head_dim_pad = next_power_of_2(head_dim)
+    block_h = min(next_power_of_2(num_kv_heads), max(1, 2048 // head_dim_pad))
+    return KernelConfig(block_h=block_h, num_warps=4)
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    backend: str | None = None,
+    config: KernelConfig | dict | None = None,
+) -> None:
+    """Write key/value ``[T, Hkv, D]`` into ``key_cache``/``value_cache``
+    ``[num_blocks, block_size, Hkv, D]`` at ``slot_mapping`` ``[T]`` (int64 or int32).
+
+    ``slot = block_id * block_size + offset``; a slot of -1 is skipped (padding). The caches may
+    be strided views of a larger pool: every stride is honoured. ``key`` may be of a different
+    float dtype than the cache (it is cast on store). Slots must be < num_blocks * block_size
+    and distinct.
+    """
+    check_tensor(key_cache, "key_cache", shape=(None, None, None, None), dtypes=FLOAT_DTYPES)
+    num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+    device = key_cache.device
+    check_tensor(value_cache, "value_cache", shape=tuple(key_cache.shape),
+                 dtypes=(key_cache.dtype,), device=device)
+    check_tensor(key, "key", shape=(None, num_kv_heads, head_dim), dtypes=FLOAT_DTYPES,
+                 device=device)
+    num_tokens = key.shape[0]
+    check_tensor(value, "value", shape=(num_tokens, num_kv_heads, head_dim), dtypes=(key.dtype,),
+                 device=device)
+    check_index_vector(slot_mapping, "slot_mapping", length=num_tokens, device=device)
+    config = KernelConfig.coerce(config)
+
+    backend = _dispatch.resolve_backend(backend, device)
+    _dispatch.record("write_kv", backend)
+    if backend == "torch":
+        reference.write_kv(key, value, key_cache, value_cache, slot_mapping)
+        return
+    if num_tokens == 0:
+        return
+
+    key_str = config_key(head_dim=head_dim, block_size=block_size, dtype=key_cache.dtype)
+    if config is None:
+        config = TUNED.get("write_kv", key_str)
+    if config is None and _dispatch.triton_interpreted():
+        config = _default_config(num_kv_heads, head_dim)
+
+    args = (
+        key, value, key_cache, value_cache, slot_mapping,
+        num_kv_heads,
+        *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
+    )
+    meta = {
+        "BLOCK_SIZE": block_size,
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": next_power_of_2(head_dim),
+    }
+    if config is None:
+        grid = lambda META: (num_tokens, triton.cdiv(num_kv_heads, META["BLOCK_H"]))
+        _write_kv_kernel_tuned[grid](*args, **meta)
+        TUNED.set("write_kv", key_str, from_triton_config(_write_kv_kernel_tuned.best_config))
+        return
+    config = config.merged(_default_config(num_kv_heads, head_dim))
+    grid = (num_tokens, triton.cdiv(num_kv_heads, config.block_h))
+    _write_kv_kernel[grid](*args, **meta, BLOCK_H=config.block_h, num_warps=config.num_warps)
