@@ -1,0 +1,91 @@
+"""The attention and mask functions registered with transformers under one name.
+
+Models call `attention_interface(module, query, key, value, attention_mask, scaling=..., **kw)`.
+Ours ignores `key`, `value` and `attention_mask`: `PagedCache.update` already wrote the new K/V
+into the blocks, and causality, padding and sliding windows follow from the cache's block
+tables and sequence lengths. The mask function therefore returns None, which makes transformers
+skip building masks altogether.
+
+How the attention finds the cache: transformers >= 5.24 passes the kwargs dict it unpacks into
+the attention function to `cache.update(..., kwargs=kwargs)` too, so `update` puts the cache
+there. transformers 5.17 (and a few models in later versions) call `update` without it; for
+those the model's forward pre-hook (see `hf.py`) sets a forward context, the way vLLM's
+`set_forward_context` does, for the duration of that forward only.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ._hf_cache import PagedCache
+
+ATTN_NAME = "pagedkv"
+# The key under which `PagedCache.update` hands itself to the attention function.
+CACHE_KWARG = "pagedkv_cache"
+
+# The PagedCache of the forward pass in progress; set by the model's forward pre-hook and reset
+# by its forward hook. A context variable, so concurrent threads see their own.
+_FORWARD_CACHE: contextvars.ContextVar[PagedCache | None] = contextvars.ContextVar(
+    "pagedkv_forward_cache", default=None
+)
+
+
+def set_forward_cache(cache: PagedCache | None) -> contextvars.Token:
+    return _FORWARD_CACHE.set(cache)
+
+
+def reset_forward_cache(token: contextvars.Token) -> None:
+    _FORWARD_CACHE.reset(token)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: query `[B, Hq, q, D]` -> output `[B, q, Hq, D]`."""
+    cache = kwargs.get(CACHE_KWARG) or _FORWARD_CACHE.get()
+    if cache is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs attention_implementation={ATTN_NAME!r} outside a forward "
+            "of a model prepared with pagedkv's enable_paged_attention (no PagedCache in flight). "
+            "Call the model that enable_paged_attention returned the manager for, or "
+            "disable_paged_attention(model)."
+        )
+    if dropout and module.training:
+        raise ValueError("pagedkv attention is for inference; got dropout with the module in training mode")
+    batch, num_heads, q_len, head_dim = query.shape
+    packed = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
+    out = cache.attend(
+        module.layer_idx,
+        packed,
+        scale=head_dim**-0.5 if scaling is None else float(scaling),
+        sliding_window=sliding_window or None,
+        softcap=softcap or None,
+    )
+    return out.view(batch, q_len, num_heads, head_dim), None
+
+
+def paged_mask(*args, **kwargs) -> None:
+    """transformers mask interface: no mask; the paged kernel derives it from the cache."""
+    return None
+
+
+def register() -> None:
+    """Register both functions under `ATTN_NAME` (idempotent; registries are keyed by name)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, paged_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, paged_mask)

@@ -1,0 +1,365 @@
+"""`PagedCache`: a `transformers.Cache` whose K/V live in a `KVCacheManager`'s blocks.
+
+One manager sequence per batch row. transformers sees one length for the whole batch (the
+columns it has fed, left padding included); the manager holds each row's real tokens only, since
+pads are never stored (slot -1). Per forward pass, `begin_forward` (called by the model's forward
+pre-hook with the attention mask) reserves the slots of every row once; then each layer's
+`update` writes its new K/V with one `write_kv` and `attend` runs `paged_attention` on the
+blocks. Nothing is gathered and no tensor grows.
+
+Queries are packed `[batch * q_len, heads, head_dim]` with `q_len` queries per row, so a row's
+left pads are queries before its first real token: when nothing precedes them they see no key
+and come out as zeros, like the rows transformers itself discards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from pagedkv.kvcache import KVCacheManager
+
+from ._hf_attention import CACHE_KWARG
+
+__all__ = ["PagedCache"]
+
+
+class _PagedLayer(CacheLayerMixin):
+    """Per-layer entry of `Cache.layers`. Holds nothing: `PagedCache` answers for all layers.
+
+    transformers inspects these (`is_sliding`, `is_compileable`, `is_croppable`, ...), so they
+    exist; every data method goes through `PagedCache`, which overrides the `Cache` methods.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    supports_early_init = False
+    is_sliding = False
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError("PagedCache.update handles every layer")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        raise NotImplementedError("PagedCache.get_mask_sizes handles every layer")
+
+    def get_seq_length(self) -> int:
+        raise NotImplementedError("PagedCache.get_seq_length handles every layer")
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+@dataclass
+class _Step:
+    """What one forward pass reads: computed once in `begin_forward`, used by every layer."""
+
+    slot_mapping: torch.Tensor  # int64 [batch * q_len]; -1 = pad or already cached (not written)
+    block_tables: torch.Tensor  # int32 [batch, max_blocks]
+    seq_lens: torch.Tensor  # int32 [batch], real tokens per row including this step's
+    query_start_loc: torch.Tensor | None  # int32 [batch + 1]; None when q_len == 1 (decode)
+    batch: int
+    q_len: int
+
+
+def _free_rows(manager: KVCacheManager, rows: list[Hashable]) -> None:
+    for seq_id in rows:
+        if seq_id in manager:
+            manager.free(seq_id)
+    rows.clear()
+
+
+class PagedCache(Cache):
+    """A transformers `Cache` on the blocks of `manager` (see the module docstring).
+
+    Pass it to `generate` (`cache=` on transformers >= 5.24, `past_key_values=` before) or to a
+    forward of a model prepared with `enable_paged_attention`. Its sequences are freed by
+    `free()` / `reset()`, or when the object is garbage collected.
+    """
+
+    _next_id = itertools.count()  # sequence ids unique across caches that share a manager
+
+    def __init__(self, manager: KVCacheManager, *, extra_key: Hashable = None) -> None:
+        if not isinstance(manager, KVCacheManager):
+            raise TypeError(f"PagedCache needs a KVCacheManager; got {type(manager).__name__}")
+        super().__init__(layers=[_PagedLayer() for _ in range(manager.config.num_layers)])
+        self.manager = manager
+        self.extra_key = extra_key  # prefix-cache namespace (e.g. a model id)
+        self._rows: list[Hashable] = []  # manager sequence id of each batch row
+        self._fed: list[int] = []  # real tokens of each row that transformers has fed so far
+        self._seen = 0  # columns fed (transformers' view of the length; pads included)
+        self._step: _Step | None = None
+        self._finalizer = weakref.finalize(self, _free_rows, manager, self._rows)
+
+    # ---- sequences ------------------------------------------------------------------------
+    @property
+    def seq_ids(self) -> list[Hashable]:
+        """The manager sequence id of each batch row."""
+        return list(self._rows)
+
+    def _new_id(self) -> tuple[str, int]:
+        return ("pagedkv.hf", next(self._next_id))
+
+    def allocate_prompts(self, prompts: Sequence[Sequence[int]], num_pads: Sequence[int]) -> list[int]:
+        """Start one sequence per row, reusing cached prefixes; returns each row's cached count.
+
+        `prompts` are the rows' real tokens, `num_pads` their left padding. Afterwards
+        `get_seq_length()` is the number of leading columns every row has cached (pads count as
+        cached), so `generate` computes only the columns after it; columns that some rows hold
+        already are then skipped for them (slot -1).
+        """
+        if self._rows:
+            raise ValueError("allocate_prompts needs an empty PagedCache")
+        cached = []
+        try:
+            for tokens in prompts:
+                seq_id = self._new_id()
+                cached.append(self.manager.allocate(seq_id, list(tokens), extra_key=self.extra_key))
+                self._rows.append(seq_id)
+        except BaseException:
+            self.free()
+            raise
+        start = min((p + c for p, c in zip(num_pads, cached)), default=0)
+        self._fed[:] = [max(0, start - p) for p in num_pads]
+        self._seen = start
+        return cached
+
+    def free(self) -> None:
+        """Release every row's blocks (registered prefix blocks stay reusable)."""
+        _free_rows(self.manager, self._rows)
+        self._fed.clear()
+        self._seen = 0
+        self._step = None
+
+    # ---- one forward pass -----------------------------------------------------------------
+    def begin_forward(
+        self, attention_mask: torch.Tensor | None, batch: int, q_len: int
+    ) -> None:
+        """Reserve this forward's slots (all layers) and build its block tables and lengths."""
+        if self._step is not None:
+            raise RuntimeError("PagedCache: a forward pass is already in flight on this cache")
+        mgr = self.manager
+        if not self._rows:
+            for _ in range(batch):
+                seq_id = self._new_id()
+                mgr.allocate(seq_id, extra_key=self.extra_key)
+                self._rows.append(seq_id)
+                self._fed.append(0)
+        rows = self._rows
+        if batch % len(rows):
+            raise ValueError(
+                f"PagedCache holds {len(rows)} rows but the forward has batch size {batch}"
+            )
+        expand = batch // len(rows)  # generate repeats prompts for beams / return sequences
+        real = self._real_tokens(attention_mask, q_len, expand)
+        new = [max(0, f + r - mgr.seq_len(s)) for s, f, r in zip(rows, self._fed, real)]
+
+        appended: list[tuple[Hashable, int]] = []
+        forked: list[Hashable] = []
+        try:
+            if expand == 1 and all(n == q_len for n in new):
+                slots = mgr.append_batch(rows, q_len)
+                appended = [(s, f) for s, f in zip(rows, self._fed)]
+            else:
+                device = mgr.cache.pool.device
+                slot_rows = torch.full((len(rows), expand, q_len), -1, dtype=torch.int64, device=device)
+                for i, (seq_id, n) in enumerate(zip(rows, new)):
+                    if n:
+                        old = mgr.seq_len(seq_id)
+                        slot_rows[i, 0, q_len - n :] = mgr.append(seq_id, n)
+                        appended.append((seq_id, old))
+                slots = slot_rows.view(-1)
+                if expand > 1:  # children share all the parent's blocks, this step's included
+                    grown = []
+                    for seq_id in rows:
+                        grown.append(seq_id)
+                        for _ in range(expand - 1):
+                            child = self._new_id()
+                            mgr.fork(seq_id, child)
+                            forked.append(child)
+                            grown.append(child)
+        except BaseException:
+            for child in forked:
+                mgr.free(child)
+            for seq_id, old in appended:
+                if mgr.seq_len(seq_id) > old:
+                    mgr.truncate(seq_id, old)
+            raise
+        fed = [f + r for f, r in zip(self._fed, real)]
+        if expand > 1:
+            rows[:] = grown
+            fed = [f for f in fed for _ in range(expand)]
+        self._fed[:] = fed
+        device = slots.device
+        self._seen += q_len
+        self._step = _Step(
+            slot_mapping=slots,
+            block_tables=mgr.block_tables(rows),
+            seq_lens=mgr.seq_lens(rows),
+            query_start_loc=None
+            if q_len == 1
+            else torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device),
+            batch=batch,
+            q_len=q_len,
+        )
+
+    def _real_tokens(self, attention_mask: torch.Tensor | None, q_len: int, expand: int) -> list[int]:
+        """Real (non-pad) tokens in each row's window of `q_len` new columns."""
+        n = len(self._rows)
+        if attention_mask is None or q_len == 1:
+            return [q_len] * n  # a decode step's new column is never padding
+        if attention_mask.ndim != 2:
+            raise ValueError(
+                "pagedkv attention takes a 2-D padding mask [batch, length]; got a "
+                f"{attention_mask.ndim}-D attention_mask"
+            )
+        window = attention_mask[::expand, -q_len:].to("cpu", torch.bool)
+        if window.shape[1] < q_len:
+            return [q_len] * n
+        if bool((window[:, 1:] < window[:, :-1]).any()):
+            raise ValueError(
+                "pagedkv needs left padding (pads before the tokens); the attention_mask has "
+                "a 0 after a 1. Use tokenizer.padding_side = 'left'."
+            )
+        return window.sum(1).tolist()
+
+    def end_forward(self) -> None:
+        self._step = None
+
+    def _current(self) -> _Step:
+        if self._step is None:
+            raise RuntimeError(
+                "PagedCache used outside a forward of a model prepared with "
+                "enable_paged_attention (its forward pre-hook starts each step)"
+            )
+        return self._step
+
+    # ---- transformers Cache API -----------------------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's K/V `[batch, kv_heads, q_len, head_dim]` into the blocks.
+
+        Returns the inputs unchanged (pagedkv attention reads the blocks, not these). With
+        `kwargs=` (transformers >= 5.24) the cache is handed to the attention function there.
+        """
+        step = self._current()
+        batch, heads, q_len, head_dim = key_states.shape
+        cfg = self.manager.config
+        if (batch, q_len) != (step.batch, step.q_len) or (heads, head_dim) != (
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        ):
+            raise ValueError(
+                f"layer {layer_idx} K/V has [batch, kv_heads, q_len, head_dim] = "
+                f"{list(key_states.shape)}; the cache expects [{step.batch}, {cfg.num_kv_heads}, "
+                f"{step.q_len}, {cfg.head_dim}]"
+            )
+        dtype = cfg.torch_dtype
+        key = key_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim).to(dtype)
+        value = value_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim).to(dtype)
+        self.manager.cache.write(layer_idx, key, value, step.slot_mapping)
+        model_kwargs = kwargs.get("kwargs")
+        if isinstance(model_kwargs, dict):
+            model_kwargs[CACHE_KWARG] = self
+        return key_states, value_states
+
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        """`paged_attention` of packed queries `[batch * q_len, heads, head_dim]` on the blocks."""
+        step = self._current()
+        out = self.manager.cache.attend(
+            layer_idx,
+            query.to(self.manager.config.torch_dtype),
+            step.block_tables,
+            step.seq_lens,
+            scale=scale,
+            query_start_loc=step.query_start_loc,
+            causal=True,
+            sliding_window=sliding_window,
+            softcap=softcap,
+        )
+        return out.to(query.dtype)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._seen + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i takes row beam_idx[i]'s blocks (ref counts; copy on next write)."""
+        src = [int(i) for i in beam_idx.tolist()]
+        self.manager.reorder(self._rows, src)
+        self._fed[:] = [self._fed[i] for i in src]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (a positive value is the legacy new length)."""
+        remove = self._seen - tokens_to_remove if tokens_to_remove > 0 else -tokens_to_remove
+        if remove <= 0:
+            return
+        for seq_id in self._rows:
+            self.manager.truncate(seq_id, max(0, self.manager.seq_len(seq_id) - remove))
+        self._fed[:] = [max(0, f - remove) for f in self._fed]
+        self._seen = max(0, self._seen - remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.batch_select_indices(torch.arange(len(self._rows)).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (a row picked twice is forked, sharing its blocks)."""
+        picked = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        rows, fed = list(self._rows), list(self._fed)
+        new_rows, used = [], set()
+        for i in picked:
+            if i in used:
+                child = self._new_id()
+                self.manager.fork(rows[i], child)
+                new_rows.append(child)
+            else:
+                used.add(i)
+                new_rows.append(rows[i])
+        for i, seq_id in enumerate(rows):
+            if i not in used:
+                self.manager.free(seq_id)
+        self._rows[:] = new_rows
+        self._fed[:] = [fed[i] for i in picked]
+
+    def reset(self) -> None:
+        self.free()
+
+    def activate_past_recording(self) -> None:
+        pass  # every past token stays addressable until crop / free
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._rows) if self._rows else -1
+
+    def __repr__(self) -> str:
+        lens = [self.manager.seq_len(s) for s in self._rows]
+        return f"PagedCache(rows={len(self._rows)}, seq_lens={lens}, seen={self._seen})"

@@ -1,0 +1,288 @@
+"""Drop-in paged attention for transformers `generate`.
+
+    manager = enable_paged_attention(model, block_size=16, num_blocks=4096)
+    model.generate(input_ids, attention_mask=mask, max_new_tokens=64)   # runs on the blocks
+    disable_paged_attention(model)                                       # stock again
+
+`enable_paged_attention` touches this model instance only (no class is patched):
+
+1. registers pagedkv's attention and mask functions under one name and switches the model's
+   attention implementation (and its sub-configs') to it;
+2. adds a forward pre-hook / hook pair: the pre-hook finds the `PagedCache` among the forward's
+   arguments (or makes a transient one), reserves this step's slots from the attention mask,
+   and opens the forward context the attention reads when a model does not pass `kwargs` to
+   `cache.update`; the hook closes it;
+3. replaces the instance's `generate`: a call without a cache gets a `PagedCache` whose rows
+   start from the longest cached prefix of their prompts (transformers computes only the rest),
+   and whose full blocks (prompt + answer) are registered for reuse when the call ends. Its
+   blocks are freed when the call ends, whether it returns or raises.
+
+`disable_paged_attention` removes all three.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
+
+from pagedkv.kvcache import KVCacheConfig, KVCacheManager, OutOfBlocksError
+
+from ._hf_attention import ATTN_NAME, register, reset_forward_cache, set_forward_cache
+from ._hf_cache import PagedCache
+
+__all__ = ["ATTN_NAME", "PagedCache", "disable_paged_attention", "enable_paged_attention"]
+
+_STATE_ATTR = "_pagedkv_state"
+_CACHE_KEYS = ("cache", "past_key_values")
+
+
+@dataclass
+class _PagedState:
+    """What `enable_paged_attention` changed on one model, so `disable` can undo it exactly."""
+
+    manager: KVCacheManager
+    cache_kwarg: str  # "cache" (transformers >= 5.24) or "past_key_values"
+    saved_impls: list[tuple[PretrainedConfig, Any]]
+    generate_in_dict: bool  # whether the instance had its own `generate` attribute
+    saved_generate: Any
+    hooks: list = field(default_factory=list)
+    in_flight: list = field(default_factory=list)  # (cache, context token, transient) per forward
+
+
+def enable_paged_attention(
+    model: PreTrainedModel, config: KVCacheConfig | None = None, **overrides: Any
+) -> KVCacheManager:
+    """Run `model`'s attention and `generate` on a paged KV cache; returns its manager.
+
+    `config` defaults to `KVCacheConfig.from_model_config(model.config)` with the model's dtype
+    and device; `overrides` are `KVCacheConfig` fields (block_size, num_blocks, ...).
+    """
+    if not isinstance(model, PreTrainedModel) or not hasattr(model, "generate"):
+        raise TypeError(f"enable_paged_attention needs a transformers generative model; got {type(model).__name__}")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise ValueError(f"paged attention is already enabled on this {type(model).__name__}")
+    _check_supported(model)
+    if config is None:
+        defaults = {"dtype": model.dtype, "device": model.device}
+        config = KVCacheConfig.from_model_config(model.config, **{**defaults, **overrides})
+    elif overrides:
+        config = config.replace(**overrides)
+    manager = KVCacheManager(config)
+
+    register()
+    configs = _configs_of(model)
+    saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
+    model.set_attn_implementation(ATTN_NAME)
+    missed = [type(c).__name__ for c in configs if c._attn_implementation != ATTN_NAME]
+    if missed:
+        _restore_impls(saved)
+        raise ValueError(
+            f"{type(model).__name__}: transformers did not switch {missed} to attention "
+            f"implementation {ATTN_NAME!r}, so part of the model would run stock attention on an "
+            "empty cache"
+        )
+
+    state = _PagedState(
+        manager=manager,
+        cache_kwarg=_cache_kwarg(model),
+        saved_impls=saved,
+        generate_in_dict="generate" in model.__dict__,
+        saved_generate=model.__dict__.get("generate"),
+    )
+    state.hooks.append(
+        model.register_forward_pre_hook(functools.partial(_pre_forward, state), with_kwargs=True)
+    )
+    state.hooks.append(
+        model.register_forward_hook(functools.partial(_post_forward, state), always_call=True)
+    )
+    model.generate = functools.wraps(model.generate)(
+        functools.partial(_paged_generate, state, model.generate)
+    )
+    setattr(model, _STATE_ATTR, state)
+    return manager
+
+
+def disable_paged_attention(model: PreTrainedModel) -> None:
+    """Undo `enable_paged_attention`: stock attention and `generate` again."""
+    state = model.__dict__.pop(_STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"paged attention is not enabled on this {type(model).__name__}")
+    for handle in state.hooks:
+        handle.remove()
+    if state.generate_in_dict:
+        model.generate = state.saved_generate
+    else:
+        del model.__dict__["generate"]
+    _restore_impls(state.saved_impls)
+
+
+def get_manager(model: PreTrainedModel) -> KVCacheManager | None:
+    """The manager `enable_paged_attention` gave `model`, or None."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state.manager
+
+
+# ---- checks ---------------------------------------------------------------------------------
+def _check_supported(model: PreTrainedModel) -> None:
+    name = type(model).__name__
+    if model.config.is_encoder_decoder:
+        raise ValueError(f"{name} is an encoder-decoder model; pagedkv serves decoder-only models")
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and not module._can_set_attn_implementation():
+            raise ValueError(
+                f"{name} ({module.config.model_type}): its attention does not go through "
+                "transformers' AttentionInterface registry in this transformers version, so a "
+                "paged attention function would never be called and generate would silently "
+                "run stock attention on an empty paged cache. pagedkv does not support it."
+            )
+
+
+def _configs_of(model: PreTrainedModel) -> list[PretrainedConfig]:
+    seen: dict[int, PretrainedConfig] = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            seen.setdefault(id(cfg), cfg)
+            for key in getattr(cfg, "sub_configs", {}):
+                sub = getattr(cfg, key, None)
+                if isinstance(sub, PretrainedConfig):
+                    seen.setdefault(id(sub), sub)
+    return list(seen.values())
+
+
+def _restore_impls(saved: list[tuple[PretrainedConfig, Any]]) -> None:
+    for cfg, value in saved:
+        cfg._attn_implementation_internal = value
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+# ---- forward hooks --------------------------------------------------------------------------
+def _pre_forward(state: _PagedState, module, args, kwargs):
+    key = next((k for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+    cache = kwargs[key] if key else None
+    transient = False
+    if cache is None:
+        cache = PagedCache(state.manager)
+        kwargs[state.cache_kwarg] = cache
+        transient = kwargs.get("use_cache") is False  # nobody gets this cache back
+    elif not isinstance(cache, PagedCache):
+        raise TypeError(
+            f"{type(module).__name__} runs pagedkv attention, which reads a PagedCache; got a "
+            f"{type(cache).__name__}. Pass no cache or a PagedCache, or call "
+            "disable_paged_attention(model) first."
+        )
+    inputs = kwargs.get("input_ids")
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if inputs is None and args:
+        inputs = args[0]
+    if inputs is None:
+        raise ValueError("pagedkv needs input_ids or inputs_embeds to size the step")
+    cache.begin_forward(kwargs.get("attention_mask"), inputs.shape[0], inputs.shape[1])
+    state.in_flight.append((cache, set_forward_cache(cache), transient))
+    return args, kwargs
+
+
+def _post_forward(state: _PagedState, module, args, output):
+    if not state.in_flight:
+        return None  # the pre-hook raised before opening the step
+    cache, token, transient = state.in_flight.pop()
+    cache.end_forward()
+    reset_forward_cache(token)
+    if transient:
+        cache.free()
+    return None
+
+
+# ---- generate -------------------------------------------------------------------------------
+def _paged_generate(state: _PagedState, generate, *args, **kwargs):
+    if any(kwargs.get(k) is not None for k in _CACHE_KEYS):
+        return generate(*args, **kwargs)  # the caller's own cache: they own its lifetime
+    gen_config = kwargs.get("generation_config")
+    if gen_config is None:
+        gen_config = getattr(getattr(generate, "__self__", None), "generation_config", None) or GenerationConfig()
+    if not kwargs.get("use_cache", gen_config.use_cache):
+        return generate(*args, **kwargs)  # every forward then gets a transient cache
+    input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.ndim != 2
+        or input_ids.dtype not in (torch.int32, torch.int64)
+        or kwargs.get("inputs_embeds") is not None
+    ):
+        input_ids = None  # no token ids to look up: no prefix reuse
+
+    cache = PagedCache(state.manager)
+    for key in _CACHE_KEYS:
+        kwargs.pop(key, None)
+    kwargs[state.cache_kwarg] = cache
+    try:
+        if input_ids is not None:
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                mask = _infer_attention_mask(input_ids, gen_config, kwargs)
+                kwargs["attention_mask"] = mask
+            host_ids, host_mask = input_ids.cpu(), mask.cpu().bool()
+            prompts = [row[m].tolist() for row, m in zip(host_ids, host_mask)]
+            pads = (~host_mask).sum(1).tolist()
+            cache.allocate_prompts(prompts, pads)
+        out = generate(*args, **kwargs)
+        if input_ids is not None:
+            _register_blocks(cache, out, prompts, input_ids.shape[1], gen_config, kwargs)
+        return out
+    except OutOfBlocksError as err:
+        cfg = state.manager.config
+        raise OutOfBlocksError(
+            err.needed,
+            err.free,
+            err.total,
+            hint=(
+                f"generate needs more KV cache than the pool holds ({cfg.num_blocks} blocks of "
+                f"{cfg.block_size} tokens); pass a larger num_blocks / memory_budget_bytes to "
+                "enable_paged_attention, or lower the batch size, num_beams, "
+                "num_return_sequences or max_new_tokens. The call's blocks were freed."
+            ),
+        ) from err
+    finally:
+        cache.free()
+
+
+def _infer_attention_mask(input_ids: torch.Tensor, gen_config, kwargs) -> torch.Tensor:
+    """transformers' rule: pads are `pad_token_id` tokens, unless pad is also an eos token."""
+    pad = kwargs.get("pad_token_id", gen_config.pad_token_id)
+    eos = kwargs.get("eos_token_id", gen_config.eos_token_id)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if pad is None or pad in eos or not bool((input_ids == pad).any()):
+        return torch.ones_like(input_ids)
+    return input_ids.ne(pad).long()
+
+
+def _register_blocks(cache: PagedCache, out, prompts, prompt_width, gen_config, kwargs) -> None:
+    """Hash the full blocks of each row (prompt + answer) so later calls reuse them."""
+    sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+    rows = cache.seq_ids
+    if not rows:
+        return
+    expand = len(rows) // len(prompts)
+    num_beams = kwargs.get("num_beams", gen_config.num_beams) or 1
+    answers_match_rows = (
+        num_beams == 1 and sequences is not None and sequences.shape[0] == len(rows)
+    )
+    answers = sequences[:, prompt_width:].cpu().tolist() if answers_match_rows else None
+    mgr = cache.manager
+    for i, seq_id in enumerate(rows):
+        tokens = list(prompts[i // expand])
+        if answers is not None:
+            tokens += answers[i]
+        elif i % expand:
+            continue  # beams: rows were reordered; register each prompt once
+        mgr.register_prefix(seq_id, tokens[: mgr.seq_len(seq_id)], extra_key=cache.extra_key)
