@@ -1,0 +1,129 @@
+"""The torch reference (the CPU backend) against a naive float64 per-sequence oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedkv.kernels import reference
+
+
+def oracle_attention(problem, *, scale, causal=True, sliding_window=None, softcap=None):
+    """Naive float64 attention, one sequence and one query head at a time, reading K/V from the
+    packed `problem.key`/`problem.value` (never the cache)."""
+    seq_lens = problem.seq_lens.tolist()
+    if problem.query_start_loc is None:
+        q_starts, q_lens = list(range(len(seq_lens))), [1] * len(seq_lens)
+    else:
+        qsl = problem.query_start_loc.tolist()
+        q_starts, q_lens = qsl[:-1], [b - a for a, b in zip(qsl[:-1], qsl[1:], strict=True)]
+    num_q_heads, num_kv_heads = problem.query.shape[1], problem.key.shape[1]
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros(problem.query.shape, dtype=torch.float64)
+    k_start = 0
+    for seq_len, q_start, q_len in zip(seq_lens, q_starts, q_lens, strict=True):
+        keys = problem.key[k_start : k_start + seq_len].double()
+        values = problem.value[k_start : k_start + seq_len].double()
+        k_start += seq_len
+        for j in range(q_len):
+            pos = seq_len - q_len + j
+            visible = torch.tensor([
+                (not causal or k <= pos) and (sliding_window is None or pos - k < sliding_window)
+                for k in range(seq_len)
+            ], dtype=torch.bool)
+            if not visible.any():
+                continue  # stays 0
+            for h in range(num_q_heads):
+                q = problem.query[q_start + j, h].double()
+                scores = keys[:, h // group] @ q * scale
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                scores = scores.masked_fill(~visible, float("-inf"))
+                out[q_start + j, h] = torch.softmax(scores, 0) @ values[:, h // group]
+    return out
+
+
+def run_reference(problem, **kwargs):
+    return reference.paged_attention(
+        problem.query, problem.key_cache, problem.value_cache, problem.block_tables,
+        problem.seq_lens, query_start_loc=problem.query_start_loc, **kwargs,
+    )
+
+
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+CASES = [
+    # seq_lens, q_lens (None = decode), Hq, Hkv, D, bs, dtype, kwargs
+    pytest.param([1, 16, 37], None, 8, 2, 64, 16, torch.float32, {}, id="decode-B3-Hq8-Hkv2-D64-bs16"),
+    pytest.param([5], None, 4, 4, 80, 8, torch.float32, {}, id="decode-B1-Hq4-Hkv4-D80-bs8"),
+    pytest.param([9, 33], None, 8, 1, 96, 32, torch.float16, {}, id="decode-B2-MQA-D96-bs32-fp16"),
+    pytest.param([20, 7], None, 4, 2, 64, 8, torch.bfloat16, {}, id="decode-B2-bf16"),
+    pytest.param([17, 1, 32], [17, 1, 32], 8, 2, 64, 16, torch.float32, {},
+                 id="prefill-B3-T50-Hq8-Hkv2-D64-bs16"),
+    pytest.param([20, 33, 16], [4, 1, 16], 8, 2, 128, 32, torch.float32, {},
+                 id="prefix-B3-T21-Hq8-Hkv2-D128-bs32"),
+    pytest.param([12], [12], 2, 1, 64, 16, torch.float32, {"causal": False}, id="noncausal-B1"),
+    pytest.param([30, 9], [5, 9], 4, 2, 64, 8, torch.float32, {"sliding_window": 4},
+                 id="window4-B2-prefix"),
+    pytest.param([30, 9], None, 4, 2, 64, 8, torch.float32, {"sliding_window": 1},
+                 id="window1-decode"),
+    pytest.param([25, 3], [6, 3], 4, 1, 64, 16, torch.float32, {"softcap": 5.0},
+                 id="softcap5-B2-prefix"),
+    pytest.param([25, 3], None, 4, 4, 64, 16, torch.float16,
+                 {"softcap": 2.0, "sliding_window": 8}, id="softcap-window-decode-fp16"),
+    pytest.param([3, 5], [6, 7], 4, 2, 64, 8, torch.float32, {}, id="qlen-gt-seqlen-zero-rows"),
+    pytest.param([3, 5], [6, 7], 4, 2, 64, 8, torch.float32, {"softcap": 3.0},
+                 id="qlen-gt-seqlen-softcap"),
+]
+
+
+@pytest.mark.parametrize("seq_lens, q_lens, hq, hkv, d, bs, dtype, kwargs", CASES)
+def test_reference_matches_oracle(make_paged, seq_lens, q_lens, hq, hkv, d, bs, dtype, kwargs):
+    problem = make_paged(seq_lens, q_lens, hq, hkv, d, bs, dtype)
+    scale = d**-0.5
+    out = run_reference(problem, scale=scale, **kwargs)
+    expected = oracle_attention(problem, scale=scale, **kwargs)
+    assert out.dtype == dtype and not out.isnan().any()
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_reference_zero_rows_are_exact_zeros(make_paged):
+    problem = make_paged([2, 4], [5, 4], 4, 2, 64, 8, torch.float32)
+    out = run_reference(problem, scale=0.125)
+    # sequence 0: 5 queries over 2 keys -> its first 3 queries sit at negative positions
+    assert torch.equal(out[:3], torch.zeros_like(out[:3]))
+    assert (out[3:5].abs().sum(-1) > 0).all()
+
+
+def test_reference_out_argument(make_paged):
+    problem = make_paged([7, 3], None, 4, 2, 64, 8, torch.float32)
+    out = torch.full_like(problem.query, float("nan"))
+    result = run_reference(problem, scale=0.125, out=out)
+    assert result is out
+    torch.testing.assert_close(out.double(), oracle_attention(problem, scale=0.125), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_gather_is_inverse_of_write(make_paged):
+    problem = make_paged([1, 16, 21], None, 4, 2, 64, 8, torch.bfloat16)
+    key, value = reference.gather_kv(
+        problem.key_cache, problem.value_cache, problem.block_tables, problem.seq_lens
+    )
+    assert torch.equal(key, problem.key) and torch.equal(value, problem.value)
+
+
+def test_reference_write_skips_padding_slots():
+    cache = torch.full((4, 8, 2, 64), float("nan"))
+    values = torch.randn(3, 2, 64)
+    reference.write_kv(values, values, cache, cache.clone(), torch.tensor([9, -1, 31]))
+    assert torch.equal(cache[1, 1], values[0]) and torch.equal(cache[3, 7], values[2])
+    assert cache.isnan().sum() == (4 * 8 - 2) * 2 * 64
+
+
+def test_reference_copy_blocks_every_layer():
+    layers = [torch.randn(6, 8, 2, 64) for _ in range(3)]
+    before = [c.clone() for c in layers]
+    reference.copy_blocks(layers, layers, torch.tensor([[1, 4], [2, 5]]))
+    for cache, old in zip(layers, before, strict=True):
+        assert torch.equal(cache[4], old[1]) and torch.equal(cache[5], old[2])
+        assert torch.equal(cache[:4], old[:4])
