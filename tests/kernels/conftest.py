@@ -11,7 +11,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from pagedkv.kernels import reference
 
 
@@ -63,7 +62,8 @@ def make_paged_problem(
         slots += [row[p // block_size] * block_size + p % block_size for p in range(seq_len)]
     slot_mapping = torch.tensor(slots, dtype=torch.int64)
 
-    pool = torch.full((num_blocks, 2, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    pool_shape = (num_blocks, 2, block_size, num_kv_heads, head_dim)
+    pool = torch.full(pool_shape, float("nan"), dtype=dtype)
     key_cache, value_cache = pool[:, 0], pool[:, 1]
     total = sum(seq_lens)
     key = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)

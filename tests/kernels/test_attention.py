@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pagedkv.kernels import paged_attention, reference, trace_backends
 
 # fp32 runs a true fp32 dot; fp16 rounds P to fp16 before P @ V and rounds the output.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pagedkv.kernels import reference
 
 
@@ -54,7 +53,8 @@ TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 CASES = [
     # seq_lens, q_lens (None = decode), Hq, Hkv, D, bs, dtype, kwargs
-    pytest.param([1, 16, 37], None, 8, 2, 64, 16, torch.float32, {}, id="decode-B3-Hq8-Hkv2-D64-bs16"),
+    pytest.param([1, 16, 37], None, 8, 2, 64, 16, torch.float32, {},
+                 id="decode-B3-Hq8-Hkv2-D64-bs16"),
     pytest.param([5], None, 4, 4, 80, 8, torch.float32, {}, id="decode-B1-Hq4-Hkv4-D80-bs8"),
     pytest.param([9, 33], None, 8, 1, 96, 32, torch.float16, {}, id="decode-B2-MQA-D96-bs32-fp16"),
     pytest.param([20, 7], None, 4, 2, 64, 8, torch.bfloat16, {}, id="decode-B2-bf16"),
@@ -101,7 +101,8 @@ def test_reference_out_argument(make_paged):
     out = torch.full_like(problem.query, float("nan"))
     result = run_reference(problem, scale=0.125, out=out)
     assert result is out
-    torch.testing.assert_close(out.double(), oracle_attention(problem, scale=0.125), atol=1e-5, rtol=1e-5)
+    expected = oracle_attention(problem, scale=0.125)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_reference_gather_is_inverse_of_write(make_paged):
