@@ -58,13 +58,14 @@ def paged_attention_forward(
     cache = kwargs.get(CACHE_KWARG) or _FORWARD_CACHE.get()
     if cache is None:
         raise RuntimeError(
-            f"{type(module).__name__} runs attention_implementation={ATTN_NAME!r} outside a forward "
-            "of a model prepared with pagedkv's enable_paged_attention (no PagedCache in flight). "
-            "Call the model that enable_paged_attention returned the manager for, or "
-            "disable_paged_attention(model)."
+            f"{type(module).__name__} runs attention_implementation={ATTN_NAME!r} outside a "
+            "forward of a model prepared with pagedkv's enable_paged_attention (no PagedCache in "
+            "flight). Call that model itself, or disable_paged_attention(model) first."
         )
     if dropout and module.training:
-        raise ValueError("pagedkv attention is for inference; got dropout with the module in training mode")
+        raise ValueError(
+            "pagedkv attention is for inference; got dropout with the module in training mode"
+        )
     batch, num_heads, q_len, head_dim = query.shape
     packed = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
     out = cache.attend(

@@ -20,9 +20,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
-
 from pagedkv.kvcache import KVCacheManager
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ._hf_attention import CACHE_KWARG
 
@@ -107,7 +106,9 @@ class PagedCache(Cache):
     def _new_id(self) -> tuple[str, int]:
         return ("pagedkv.hf", next(self._next_id))
 
-    def allocate_prompts(self, prompts: Sequence[Sequence[int]], num_pads: Sequence[int]) -> list[int]:
+    def allocate_prompts(
+        self, prompts: Sequence[Sequence[int]], num_pads: Sequence[int]
+    ) -> list[int]:
         """Start one sequence per row, reusing cached prefixes; returns each row's cached count.
 
         `prompts` are the rows' real tokens, `num_pads` their left padding. Afterwards
@@ -126,7 +127,7 @@ class PagedCache(Cache):
         except BaseException:
             self.free()
             raise
-        start = min((p + c for p, c in zip(num_pads, cached)), default=0)
+        start = min((p + c for p, c in zip(num_pads, cached, strict=True)), default=0)
         self._fed[:] = [max(0, start - p) for p in num_pads]
         self._seen = start
         return cached
@@ -139,9 +140,7 @@ class PagedCache(Cache):
         self._step = None
 
     # ---- one forward pass -----------------------------------------------------------------
-    def begin_forward(
-        self, attention_mask: torch.Tensor | None, batch: int, q_len: int
-    ) -> None:
+    def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, q_len: int) -> None:
         """Reserve this forward's slots (all layers) and build its block tables and lengths."""
         if self._step is not None:
             raise RuntimeError("PagedCache: a forward pass is already in flight on this cache")
@@ -159,18 +158,22 @@ class PagedCache(Cache):
             )
         expand = batch // len(rows)  # generate repeats prompts for beams / return sequences
         real = self._real_tokens(attention_mask, q_len, expand)
-        new = [max(0, f + r - mgr.seq_len(s)) for s, f, r in zip(rows, self._fed, real)]
+        new = [
+            max(0, f + r - mgr.seq_len(s)) for s, f, r in zip(rows, self._fed, real, strict=True)
+        ]
 
         appended: list[tuple[Hashable, int]] = []
         forked: list[Hashable] = []
         try:
             if expand == 1 and all(n == q_len for n in new):
                 slots = mgr.append_batch(rows, q_len)
-                appended = [(s, f) for s, f in zip(rows, self._fed)]
+                appended = [(s, f) for s, f in zip(rows, self._fed, strict=True)]
             else:
                 device = mgr.cache.pool.device
-                slot_rows = torch.full((len(rows), expand, q_len), -1, dtype=torch.int64, device=device)
-                for i, (seq_id, n) in enumerate(zip(rows, new)):
+                slot_rows = torch.full(
+                    (len(rows), expand, q_len), -1, dtype=torch.int64, device=device
+                )
+                for i, (seq_id, n) in enumerate(zip(rows, new, strict=True)):
                     if n:
                         old = mgr.seq_len(seq_id)
                         slot_rows[i, 0, q_len - n :] = mgr.append(seq_id, n)
@@ -192,7 +195,7 @@ class PagedCache(Cache):
                 if mgr.seq_len(seq_id) > old:
                     mgr.truncate(seq_id, old)
             raise
-        fed = [f + r for f, r in zip(self._fed, real)]
+        fed = [f + r for f, r in zip(self._fed, real, strict=True)]
         if expand > 1:
             rows[:] = grown
             fed = [f for f in fed for _ in range(expand)]
@@ -210,7 +213,9 @@ class PagedCache(Cache):
             q_len=q_len,
         )
 
-    def _real_tokens(self, attention_mask: torch.Tensor | None, q_len: int, expand: int) -> list[int]:
+    def _real_tokens(
+        self, attention_mask: torch.Tensor | None, q_len: int, expand: int
+    ) -> list[int]:
         """Real (non-pad) tokens in each row's window of `q_len` new columns."""
         n = len(self._rows)
         if attention_mask is None or q_len == 1:

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
-
 from pagedkv.kvcache import KVCacheConfig, KVCacheManager, OutOfBlocksError
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from ._hf_attention import ATTN_NAME, register, reset_forward_cache, set_forward_cache
 from ._hf_cache import PagedCache
@@ -63,7 +62,10 @@ def enable_paged_attention(
     and device; `overrides` are `KVCacheConfig` fields (block_size, num_blocks, ...).
     """
     if not isinstance(model, PreTrainedModel) or not hasattr(model, "generate"):
-        raise TypeError(f"enable_paged_attention needs a transformers generative model; got {type(model).__name__}")
+        raise TypeError(
+            "enable_paged_attention needs a transformers generative model; got "
+            f"{type(model).__name__}"
+        )
     if getattr(model, _STATE_ATTR, None) is not None:
         raise ValueError(f"paged attention is already enabled on this {type(model).__name__}")
     _check_supported(model)
@@ -209,7 +211,10 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
         return generate(*args, **kwargs)  # the caller's own cache: they own its lifetime
     gen_config = kwargs.get("generation_config")
     if gen_config is None:
-        gen_config = getattr(getattr(generate, "__self__", None), "generation_config", None) or GenerationConfig()
+        gen_config = (
+            getattr(getattr(generate, "__self__", None), "generation_config", None)
+            or GenerationConfig()
+        )
     if not kwargs.get("use_cache", gen_config.use_cache):
         return generate(*args, **kwargs)  # every forward then gets a transient cache
     input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
@@ -232,7 +237,7 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
                 mask = _infer_attention_mask(input_ids, gen_config, kwargs)
                 kwargs["attention_mask"] = mask
             host_ids, host_mask = input_ids.cpu(), mask.cpu().bool()
-            prompts = [row[m].tolist() for row, m in zip(host_ids, host_mask)]
+            prompts = [row[m].tolist() for row, m in zip(host_ids, host_mask, strict=True)]
             pads = (~host_mask).sum(1).tolist()
             cache.allocate_prompts(prompts, pads)
         out = generate(*args, **kwargs)
