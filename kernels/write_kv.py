@@ -34,7 +34,7 @@ def _write_kv_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    # key, value:             [num_tokens, num_kv_heads, head_dim]
+    # key, value:             [num_tokens, num_kv_heads, head_dim], dtype of the caches
     # key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim] (any strides)
     # slot_mapping:           [num_tokens], slot = block * BLOCK_SIZE + offset, -1 = skip
     # grid:                   (num_tokens, cdiv(num_kv_heads, BLOCK_H))
@@ -67,8 +67,8 @@ def _write_kv_kernel(
         value_cache_ptr + block * stride_vc_b + offset * stride_vc_o
         + offs_h[:, None] * stride_vc_h + offs_d[None, :] * stride_vc_d
     )
-    tl.store(kc_ptrs, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc_ptrs, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(kc_ptrs, k, mask=mask)
+    tl.store(vc_ptrs, v, mask=mask)
 
 
 def _keep(config: triton.Config) -> bool:
@@ -120,9 +120,9 @@ def write_kv(
     ``[num_blocks, block_size, Hkv, D]`` at ``slot_mapping`` ``[T]`` (int64 or int32).
 
     ``slot = block_id * block_size + offset``; a slot of -1 is skipped (padding). The caches may
-    be strided views of a larger pool: every stride is honoured. ``key`` may be of a different
-    float dtype than the cache (it is cast on store). Slots must be < num_blocks * block_size
-    and distinct.
+    be strided views of a larger pool: every stride is honoured. ``key`` may be of another float
+    dtype than the cache (it is cast first, rounding to nearest even). Slots must be distinct
+    and < num_blocks * block_size.
     """
     check_tensor(key_cache, "key_cache", shape=(None, None, None, None), dtypes=FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
@@ -144,6 +144,8 @@ def write_kv(
         return
     if num_tokens == 0:
         return
+    if key.dtype != key_cache.dtype:  # cast in torch: round-to-nearest-even, like the reference
+        key, value = key.to(key_cache.dtype), value.to(key_cache.dtype)
 
     key_str = config_key(head_dim=head_dim, block_size=block_size, dtype=key_cache.dtype)
     if config is None:
