@@ -1,0 +1,224 @@
+"""The block pool: which blocks are free, who holds how many references, which are cached.
+
+Freed blocks that hold a registered prefix stay findable by their hash until the pool needs
+them back; the least recently freed is reused first (LRU). Freed blocks without a hash are put
+at the head of the free queue so they are reused before any cached prefix is evicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from typing import NamedTuple
+
+from .block import KVCacheBlock
+
+__all__ = ["BlockHash", "KVCacheAllocator", "OutOfBlocksError", "hash_block_tokens"]
+
+
+class OutOfBlocksError(RuntimeError):
+    """The pool has fewer free blocks than an operation needs. Nothing was allocated."""
+
+    def __init__(self, needed: int, free: int, total: int, hint: str = "") -> None:
+        self.needed, self.free, self.total = needed, free, total
+        message = f"out of KV cache blocks: needed {needed}, free {free}, total {total}"
+        if hint:
+            message += f"; {hint}"
+        super().__init__(message)
+
+
+class BlockHash(NamedTuple):
+    """Prefix-cache key of a full block: chained through the parent block's hash.
+
+    The dictionary lookup compares the token ids themselves, so two blocks collide only if the
+    64-bit hashes of their whole prefixes do, not merely of their own tokens.
+    """
+
+    parent: int | None
+    token_ids: tuple[int, ...]
+    extra_key: Hashable = None
+
+    @property
+    def value(self) -> int:
+        return hash(self)
+
+
+def hash_block_tokens(
+    parent: BlockHash | None, token_ids: Sequence[int], extra_key: Hashable = None
+) -> BlockHash:
+    return BlockHash(None if parent is None else parent.value, tuple(token_ids), extra_key)
+
+
+class _FreeQueue:
+    """Doubly linked list of free blocks, threaded through the blocks themselves.
+
+    Hand-made because the allocator must remove a block from the middle (a cache hit on a free
+    block) in O(1) and without allocating: `collections.deque.remove` is O(n), and an
+    OrderedDict allocates a node per insertion.
+    """
+
+    def __init__(self, blocks: Iterable[KVCacheBlock]) -> None:
+        self._head = KVCacheBlock(-1)  # sentinels: never handed out
+        self._tail = KVCacheBlock(-1)
+        self._head.next_free, self._tail.prev_free = self._tail, self._head
+        self.size = 0
+        for block in blocks:
+            self.push_back(block)
+
+    def _link(self, block: KVCacheBlock, prev: KVCacheBlock, nxt: KVCacheBlock) -> None:
+        assert block.prev_free is None and block.next_free is None, (
+            f"block {block.block_id} is already in the free queue"
+        )
+        block.prev_free, block.next_free = prev, nxt
+        prev.next_free = nxt.prev_free = block
+        self.size += 1
+
+    def push_back(self, block: KVCacheBlock) -> None:
+        self._link(block, self._tail.prev_free, self._tail)
+
+    def push_front(self, block: KVCacheBlock) -> None:
+        self._link(block, self._head, self._head.next_free)
+
+    def remove(self, block: KVCacheBlock) -> None:
+        prev, nxt = block.prev_free, block.next_free
+        assert prev is not None and nxt is not None, f"block {block.block_id} is not free"
+        prev.next_free, nxt.prev_free = nxt, prev
+        block.prev_free = block.next_free = None
+        self.size -= 1
+
+    def pop_front(self) -> KVCacheBlock:
+        block = self._head.next_free
+        assert block is not self._tail, "pop from an empty free queue"
+        self.remove(block)
+        return block
+
+    def __iter__(self):
+        block = self._head.next_free
+        while block is not self._tail:
+            yield block
+            block = block.next_free
+
+
+class KVCacheAllocator:
+    """Owns every `KVCacheBlock`: allocation, ref counts, prefix-cache index, LRU eviction."""
+
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True) -> None:
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks!r} is invalid; expected an integer >= 1")
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
+        self._free = _FreeQueue(self.blocks)
+        # Full blocks registered for prefix reuse, free or in use: key -> block.
+        self._cached: dict[BlockHash, KVCacheBlock] = {}
+        self.num_evictions = 0
+
+    # ---- counts ---------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self._free.size
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self._free.size
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache (in use or free but not yet evicted)."""
+        return len(self._cached)
+
+    # ---- allocate / free ------------------------------------------------------------------
+    def allocate(self, n: int) -> list[KVCacheBlock]:
+        """Take `n` free blocks (ref count 1 each), evicting cached ones in LRU order."""
+        if n > self._free.size:
+            raise OutOfBlocksError(n, self._free.size, self.num_blocks)
+        out = []
+        for _ in range(n):
+            block = self._free.pop_front()
+            if block.block_hash is not None:
+                self._evict(block)
+            block.ref_count = 1
+            out.append(block)
+        return out
+
+    def try_allocate(self, n: int) -> list[KVCacheBlock] | None:
+        """Like `allocate`, but returns None when the pool is short."""
+        return self.allocate(n) if n <= self._free.size else None
+
+    def free(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Drop one reference from each block; blocks reaching zero join the free queue.
+
+        Pass a sequence's blocks tail first: its last blocks are then evicted before its first,
+        so a shared prefix survives longest.
+        """
+        for block in blocks:
+            block.decr_ref()
+            if block.ref_count == 0:
+                if block.block_hash is None:
+                    self._free.push_front(block)
+                else:
+                    self._free.push_back(block)
+
+    def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Add a reference to each block (a prefix-cache hit or a fork), reviving free ones."""
+        for block in blocks:
+            if block.ref_count == 0:
+                self._free.remove(block)
+            block.incr_ref()
+
+    # ---- prefix cache ---------------------------------------------------------------------
+    def lookup(self, key: BlockHash) -> KVCacheBlock | None:
+        if not self.enable_prefix_caching:
+            return None
+        return self._cached.get(key)
+
+    def register(self, block: KVCacheBlock, key: BlockHash) -> bool:
+        """Make a full block findable by `key`. Returns False if another block already is."""
+        if not self.enable_prefix_caching:
+            return False
+        assert block.ref_count > 0, f"registering free block {block.block_id}"
+        if block.block_hash is not None:
+            return block.block_hash == key
+        if key in self._cached:
+            return False
+        block.block_hash = key
+        self._cached[key] = block
+        return True
+
+    def unregister(self, block: KVCacheBlock) -> None:
+        """Take a block out of the prefix cache (its content is about to change)."""
+        if block.block_hash is not None:
+            del self._cached[block.block_hash]
+            block.reset_hash()
+
+    def _evict(self, block: KVCacheBlock) -> None:
+        del self._cached[block.block_hash]
+        block.reset_hash()
+        self.num_evictions += 1
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every registered hash (blocks in use keep their data). Returns how many."""
+        n = len(self._cached)
+        for block in self._cached.values():
+            block.reset_hash()
+        self._cached.clear()
+        return n
+
+    def check_invariants(self, owners: dict[int, int] | None = None) -> None:
+        """Assert the pool is consistent; `owners` maps block_id -> number of owning sequences."""
+        free_ids = {b.block_id for b in self._free}
+        assert len(free_ids) == self._free.size, "free queue size is off or holds a block twice"
+        for block in self.blocks:
+            is_free = block.block_id in free_ids
+            assert is_free == (block.ref_count == 0), (
+                f"block {block.block_id}: ref_count {block.ref_count}, in free queue {is_free}"
+            )
+            if owners is not None:
+                assert owners.get(block.block_id, 0) == block.ref_count, (
+                    f"block {block.block_id}: ref_count {block.ref_count} but "
+                    f"{owners.get(block.block_id, 0)} owners"
+                )
+            if block.block_hash is not None:
+                assert self._cached.get(block.block_hash) is block, (
+                    f"block {block.block_id} has a hash the cache index does not map to it"
+                )
+        assert len(self._cached) == sum(b.block_hash is not None for b in self.blocks)

@@ -1,0 +1,252 @@
+"""What the KV cache looks like: device, dtype, geometry and pool size.
+
+`KVCacheConfig` is frozen and validated on construction, so every other module can trust it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+
+__all__ = ["DType", "DeviceType", "KVCacheConfig"]
+
+
+class DeviceType(str, Enum):
+    """Where the block pool lives."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DType(str, Enum):
+    """Storage dtype of the block pool."""
+
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.value)
+
+    @property
+    def itemsize(self) -> int:
+        return self.torch_dtype.itemsize
+
+    @classmethod
+    def parse(cls, value: Any) -> DType:
+        """Accept a `DType`, a `torch.dtype` or a name ("float16", "fp16", "half", "bf16", ...)."""
+        if isinstance(value, DType):
+            return value
+        if isinstance(value, torch.dtype):
+            for member in cls:
+                if member.torch_dtype == value:
+                    return member
+            raise ValueError(
+                f"dtype {value} is not supported for the KV cache; "
+                f"expected one of {[m.value for m in cls]}"
+            )
+        if isinstance(value, str):
+            name = value.removeprefix("torch.").lower()
+            aliases = {
+                "fp16": "float16",
+                "half": "float16",
+                "bf16": "bfloat16",
+                "fp32": "float32",
+                "float": "float32",
+            }
+            name = aliases.get(name, name)
+            for member in cls:
+                if member.value == name:
+                    return member
+        raise ValueError(
+            f"dtype {value!r} is not supported for the KV cache; "
+            f"expected one of {[m.value for m in cls]} (or the matching torch.dtype)"
+        )
+
+
+def _parse_device(value: Any) -> tuple[DeviceType, int | None]:
+    if isinstance(value, DeviceType):
+        return value, None
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device {value!r} is not a valid device; expected 'cpu' or 'cuda[:N]'"
+        ) from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {value!r} is not supported; expected 'cpu' or 'cuda[:N]'")
+    return DeviceType(dev.type), dev.index
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """Geometry and size of a paged KV cache.
+
+    The pool holds `num_blocks` blocks; each block stores `block_size` tokens of K and V for
+    every layer, so `bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim *
+    itemsize`. Give either `num_blocks` or `memory_budget_bytes` (the pool is then as large as
+    fits the budget). `num_cpu_blocks` sizes the CPU swap space (0 = no swapping).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_budget_bytes: int | None = None
+    dtype: DType = DType.FLOAT32
+    device: DeviceType = DeviceType.CPU
+    device_index: int | None = None
+    enable_prefix_caching: bool = True
+    num_cpu_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("dtype", DType.parse(self.dtype))
+        if not isinstance(self.device, DeviceType) or self.device_index is None:
+            kind, index = _parse_device(self.device)
+            set_("device", kind)
+            if self.device_index is None:
+                set_("device_index", index)
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(
+                f"block_size={self.block_size} must be a power of two (1, 2, 4, ... 128)"
+            )
+        if self.block_size > 128:
+            raise ValueError(f"block_size={self.block_size} is too large; expected at most 128")
+        _check_int("num_cpu_blocks", self.num_cpu_blocks, minimum=0)
+        if self.num_blocks is None:
+            if self.memory_budget_bytes is None:
+                raise ValueError(
+                    "KVCacheConfig needs num_blocks or memory_budget_bytes; got neither"
+                )
+            _check_int("memory_budget_bytes", self.memory_budget_bytes, minimum=1)
+            blocks = self.num_blocks_for_memory(self.memory_budget_bytes)
+            if blocks < 1:
+                raise ValueError(
+                    f"memory_budget_bytes={self.memory_budget_bytes} holds no block; one block "
+                    f"needs {self.bytes_per_block} bytes"
+                )
+            set_("num_blocks", blocks)
+        else:
+            _check_int("num_blocks", self.num_blocks, minimum=1)
+            if self.memory_budget_bytes is not None:
+                raise ValueError(
+                    f"give num_blocks ({self.num_blocks}) or memory_budget_bytes "
+                    f"({self.memory_budget_bytes}), not both"
+                )
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a bool")
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.dtype.torch_dtype
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device.value, self.device_index)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.bytes_per_token
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    @property
+    def max_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def num_blocks_for_memory(self, num_bytes: int) -> int:
+        """How many whole blocks fit in `num_bytes`."""
+        return int(num_bytes) // self.bytes_per_block
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def replace(self, **changes: Any) -> KVCacheConfig:
+        """A copy with some fields changed (validated again)."""
+        if "memory_budget_bytes" in changes and "num_blocks" not in changes:
+            changes["num_blocks"] = None
+        if "num_blocks" in changes and "memory_budget_bytes" not in changes:
+            changes["memory_budget_bytes"] = None
+        if "device" in changes and "device_index" not in changes:
+            changes["device_index"] = None
+        return dataclasses.replace(self, **changes)
+
+    # ---- construction from a transformers config ------------------------------------------
+    @classmethod
+    def from_model_config(cls, hf_config: Any, **overrides: Any) -> KVCacheConfig:
+        """Read layers, KV heads (GQA/MQA) and head_dim from a transformers `PretrainedConfig`.
+
+        Overrides are any `KVCacheConfig` fields (block_size, num_blocks, dtype, device, ...).
+        With neither `num_blocks` nor `memory_budget_bytes`, the pool holds 4096 blocks.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise ValueError(
+                f"unknown KVCacheConfig field(s) {sorted(unknown)}; expected some of {sorted(fields)}"
+            )
+        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        num_layers = _first_attr(text, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+        num_heads = _first_attr(text, "num_attention_heads", "n_head", "num_heads", "n_heads")
+        hidden = _first_attr(text, "hidden_size", "n_embd", "d_model", "dim")
+        if num_layers is None or num_heads is None:
+            raise ValueError(
+                f"cannot read the layer and head counts from {type(hf_config).__name__}; "
+                "pass num_layers, num_kv_heads and head_dim to KVCacheConfig directly"
+            )
+        num_kv_heads = _first_attr(text, "num_key_value_heads", "num_kv_heads", "n_kv_heads")
+        if getattr(text, "multi_query", False):  # gpt_bigcode / falcon style MQA flag
+            num_kv_heads = 1
+        if num_kv_heads is None:
+            num_kv_heads = num_heads
+        head_dim = getattr(text, "head_dim", None)
+        if head_dim is None:
+            if hidden is None:
+                raise ValueError(f"cannot infer head_dim from {type(hf_config).__name__}")
+            head_dim = hidden // num_heads
+        values: dict[str, Any] = {
+            "num_layers": int(num_layers),
+            "num_kv_heads": int(num_kv_heads),
+            "head_dim": int(head_dim),
+        }
+        dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+        if dtype is not None:
+            # An unsupported checkpoint dtype (e.g. fp8) keeps the default unless overridden.
+            with contextlib.suppress(ValueError):
+                values["dtype"] = DType.parse(dtype)
+        values.update(overrides)
+        if values.get("num_blocks") is None and values.get("memory_budget_bytes") is None:
+            values["num_blocks"] = 4096
+        return cls(**values)
+
+
+def _first_attr(obj: Any, *names: str) -> Any:
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid; expected an integer >= {minimum}")

@@ -1,0 +1,120 @@
+"""The device tensors of the cache and the ops on them, all through `pagedkv.kernels`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .config import KVCacheConfig
+
+__all__ = ["PagedKVCache"]
+
+
+class PagedKVCache:
+    """One block-major pool: `[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`.
+
+    A block across all layers is one contiguous span, so swapping or copying a block moves one
+    span. Per-layer caches are strided views `[num_blocks, block_size, num_kv_heads, head_dim]`
+    (block stride = num_layers * 2 * block_size * num_kv_heads * head_dim elements), which the
+    kernels take as they are.
+    """
+
+    def __init__(self, config: KVCacheConfig) -> None:
+        self.config = config
+        c = config
+        self.pool = torch.zeros(
+            (c.num_blocks, c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim),
+            dtype=c.torch_dtype,
+            device=c.torch_device,
+        )
+        self._keys = [self.pool[:, layer, 0] for layer in range(c.num_layers)]
+        self._values = [self.pool[:, layer, 1] for layer in range(c.num_layers)]
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.config.num_layers:
+            raise ValueError(
+                f"layer={layer} is out of range; expected 0..{self.config.num_layers - 1}"
+            )
+
+    def key_cache(self, layer: int) -> torch.Tensor:
+        """`[num_blocks, block_size, num_kv_heads, head_dim]` view of one layer's keys."""
+        self._check_layer(layer)
+        return self._keys[layer]
+
+    def value_cache(self, layer: int) -> torch.Tensor:
+        self._check_layer(layer)
+        return self._values[layer]
+
+    @property
+    def key_caches(self) -> list[torch.Tensor]:
+        return list(self._keys)
+
+    @property
+    def value_caches(self) -> list[torch.Tensor]:
+        return list(self._values)
+
+    # ---- ops ------------------------------------------------------------------------------
+    def write(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Scatter `key`/`value` `[T, num_kv_heads, head_dim]` into the slots (-1 = skip)."""
+        from pagedkv.kernels import write_kv
+
+        self._check_layer(layer)
+        write_kv(key, value, self._keys[layer], self._values[layer], slot_mapping)
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Paged attention of `query` `[T, num_heads, head_dim]` over this layer's blocks.
+
+        Keyword arguments are those of `pagedkv.kernels.paged_attention` (scale,
+        query_start_loc, causal, sliding_window, softcap, out).
+        """
+        from pagedkv.kernels import paged_attention
+
+        self._check_layer(layer)
+        return paged_attention(
+            query, self._keys[layer], self._values[layer], block_tables, seq_lens, **kwargs
+        )
+
+    def gather(
+        self, layer: int, block_tables: torch.Tensor, seq_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous K and V `[sum(seq_lens), num_kv_heads, head_dim]`, sequences packed."""
+        from pagedkv.kernels import gather_kv
+
+        self._check_layer(layer)
+        return gather_kv(self._keys[layer], self._values[layer], block_tables, seq_lens)
+
+    def copy(self, block_mapping: Sequence[tuple[int, int]] | torch.Tensor) -> None:
+        """Copy whole blocks (every layer, K and V) from src to dst: `[(src, dst), ...]`."""
+        from pagedkv.kernels import copy_blocks
+
+        mapping = torch.as_tensor(block_mapping, dtype=torch.int64).reshape(-1, 2)
+        if mapping.numel() == 0:
+            return
+        copy_blocks(self._keys, self._values, mapping.to(self.pool.device))
+
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """The raw content of some blocks, `[n, num_layers, 2, block_size, heads, head_dim]`."""
+        index = torch.as_tensor(list(block_ids), dtype=torch.int64, device=self.pool.device)
+        return self.pool.index_select(0, index)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"PagedKVCache(blocks={c.num_blocks}, layers={c.num_layers}, block_size={c.block_size}, "
+            f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={c.dtype.value}, "
+            f"device={self.pool.device}, {c.total_bytes / 2**20:.1f} MiB)"
+        )

@@ -1,0 +1,86 @@
+"""Swap blocks between the device pool and a CPU pool."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .paged_cache import PagedKVCache
+
+__all__ = ["KVCacheTransfer"]
+
+
+class KVCacheTransfer:
+    """A CPU pool of `num_cpu_blocks` blocks (pinned once, up front, when CUDA is present) and
+    batched copies between it and a `PagedKVCache`.
+
+    The pool is block-major, so each block is one contiguous span on both sides and a batch of
+    blocks moves with one gather and one scatter. On CUDA, copies run on a side stream; the
+    device pool's stream waits for a swap-in before anything reads the blocks, and a swap-out
+    is complete when `swap_out` returns (the CPU data is needed right away by nothing, but the
+    device blocks are reused immediately). On a CPU-only machine the same code path runs CPU ->
+    CPU.
+    """
+
+    def __init__(self, cache: PagedKVCache, num_cpu_blocks: int) -> None:
+        if num_cpu_blocks < 1:
+            raise ValueError(f"num_cpu_blocks={num_cpu_blocks} is invalid; expected >= 1 to swap")
+        self.cache = cache
+        self.num_cpu_blocks = num_cpu_blocks
+        pin = cache.pool.is_cuda and torch.cuda.is_available()
+        self.cpu_pool = torch.zeros(
+            (num_cpu_blocks, *cache.pool.shape[1:]), dtype=cache.pool.dtype, pin_memory=pin
+        )
+        self._stream = torch.cuda.Stream(cache.pool.device) if cache.pool.is_cuda else None
+
+    def _index(self, ids: Sequence[int], device: torch.device) -> torch.Tensor:
+        return torch.as_tensor(list(ids), dtype=torch.int64, device=device)
+
+    def swap_out(self, device_blocks: Sequence[int], cpu_blocks: Sequence[int]) -> None:
+        """Copy device blocks to CPU blocks, pairwise."""
+        self._check(device_blocks, cpu_blocks)
+        if not device_blocks:
+            return
+        pool = self.cache.pool
+        if self._stream is None:
+            src = pool.index_select(0, self._index(device_blocks, pool.device))
+            self.cpu_pool.index_copy_(0, self._index(cpu_blocks, pool.device), src)
+            return
+        # One contiguous span per block straight into pinned memory (no staging copy).
+        self._stream.wait_stream(torch.cuda.current_stream(pool.device))
+        with torch.cuda.stream(self._stream):
+            for d, c in zip(device_blocks, cpu_blocks):
+                self.cpu_pool[c].copy_(pool[d], non_blocking=True)
+        self._stream.synchronize()
+
+    def swap_in(self, cpu_blocks: Sequence[int], device_blocks: Sequence[int]) -> None:
+        """Copy CPU blocks to device blocks, pairwise."""
+        self._check(device_blocks, cpu_blocks)
+        if not device_blocks:
+            return
+        pool = self.cache.pool
+        if self._stream is None:
+            src = self.cpu_pool.index_select(0, self._index(cpu_blocks, pool.device))
+            pool.index_copy_(0, self._index(device_blocks, pool.device), src)
+            return
+        current = torch.cuda.current_stream(pool.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            for c, d in zip(cpu_blocks, device_blocks):
+                pool[d].copy_(self.cpu_pool[c], non_blocking=True)
+        current.wait_stream(self._stream)
+
+    def _check(self, device_blocks: Sequence[int], cpu_blocks: Sequence[int]) -> None:
+        if len(device_blocks) != len(cpu_blocks):
+            raise ValueError(
+                f"swap needs as many CPU blocks as device blocks; got {len(cpu_blocks)} and "
+                f"{len(device_blocks)}"
+            )
+        num_device = self.cache.config.num_blocks
+        bad = [b for b in device_blocks if not 0 <= b < num_device]
+        if bad:
+            raise ValueError(f"device block ids {bad} out of range 0..{num_device - 1}")
+        bad = [b for b in cpu_blocks if not 0 <= b < self.num_cpu_blocks]
+        if bad:
+            raise ValueError(f"CPU block ids {bad} out of range 0..{self.num_cpu_blocks - 1}")

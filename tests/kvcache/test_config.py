@@ -1,0 +1,116 @@
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig, MistralConfig
+
+from pagedkv.kvcache import DeviceType, DType, KVCacheConfig
+
+
+def test_sizes_follow_the_geometry():
+    cfg = KVCacheConfig(
+        num_layers=3, num_kv_heads=2, head_dim=64, block_size=16, num_blocks=10, dtype="float16"
+    )
+    assert cfg.dtype is DType.FLOAT16 and cfg.torch_dtype == torch.float16
+    assert cfg.bytes_per_token == 2 * 3 * 2 * 64 * 2
+    assert cfg.bytes_per_block == 16 * cfg.bytes_per_token
+    assert cfg.total_bytes == 10 * cfg.bytes_per_block
+    assert cfg.max_tokens == 160
+    assert cfg.blocks_for_tokens(17) == 2
+
+
+def test_memory_budget_derives_num_blocks():
+    per_block = KVCacheConfig(
+        num_layers=2, num_kv_heads=4, head_dim=32, num_blocks=1
+    ).bytes_per_block
+    cfg = KVCacheConfig(
+        num_layers=2, num_kv_heads=4, head_dim=32, memory_budget_bytes=10 * per_block + 5
+    )
+    assert cfg.num_blocks == 10
+    assert cfg.num_blocks_for_memory(3 * per_block) == 3
+
+
+def test_config_is_frozen():
+    cfg = KVCacheConfig(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=4)
+    with pytest.raises(AttributeError):
+        cfg.num_blocks = 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        pytest.param({"num_layers": 0}, "num_layers=0", id="zero-layers"),
+        pytest.param({"head_dim": -8}, "head_dim=-8", id="negative-head-dim"),
+        pytest.param({"block_size": 12}, "block_size=12 must be a power of two", id="bs-not-pow2"),
+        pytest.param({"block_size": 256}, "block_size=256 is too large", id="bs-too-large"),
+        pytest.param({"num_blocks": 0}, "num_blocks=0", id="zero-blocks"),
+        pytest.param({"num_blocks": None}, "num_blocks or memory_budget_bytes", id="no-size"),
+        pytest.param({"memory_budget_bytes": 10}, "not both", id="both-sizes"),
+        pytest.param({"dtype": "int8"}, "dtype 'int8' is not supported", id="bad-dtype"),
+        pytest.param({"device": "tpu"}, "device 'tpu'", id="bad-device"),
+        pytest.param({"num_cpu_blocks": -1}, "num_cpu_blocks=-1", id="negative-cpu-blocks"),
+        pytest.param({"num_layers": True}, "num_layers=True", id="bool-is-not-int"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, match):
+    base = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "num_blocks": 4}
+    with pytest.raises(ValueError, match=match):
+        KVCacheConfig(**{**base, **kwargs})
+
+
+def test_budget_smaller_than_a_block_is_refused():
+    with pytest.raises(ValueError, match="holds no block"):
+        KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=8, memory_budget_bytes=10)
+
+
+def test_device_parsing():
+    cfg = KVCacheConfig(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=1, device="cuda:1")
+    assert cfg.device is DeviceType.CUDA and cfg.device_index == 1
+    assert cfg.torch_device == torch.device("cuda", 1)
+    cpu = KVCacheConfig(
+        num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=1, device=torch.device("cpu")
+    )
+    assert cpu.torch_device == torch.device("cpu")
+    assert cfg.replace(device="cpu").torch_device == torch.device("cpu")
+
+
+def test_dtype_aliases():
+    assert DType.parse("bf16") is DType.BFLOAT16
+    assert DType.parse(torch.float32) is DType.FLOAT32
+    assert DType.parse("torch.float16") is DType.FLOAT16
+    with pytest.raises(ValueError, match="float64"):
+        DType.parse(torch.float64)
+
+
+def test_from_model_config_gqa():
+    hf = LlamaConfig(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2
+    )
+    cfg = KVCacheConfig.from_model_config(hf, block_size=8, num_blocks=32)
+    assert (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim) == (3, 2, 8)
+    assert cfg.block_size == 8 and cfg.num_blocks == 32
+
+
+def test_from_model_config_explicit_head_dim_and_dtype():
+    hf = MistralConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        dtype=torch.bfloat16,
+    )
+    cfg = KVCacheConfig.from_model_config(hf)
+    assert (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim) == (2, 1, 32)
+    assert cfg.dtype is DType.BFLOAT16
+    assert cfg.num_blocks == 4096  # default pool when no size is given
+
+
+def test_from_model_config_gpt2_names():
+    hf = GPT2Config(n_embd=48, n_layer=2, n_head=4)
+    cfg = KVCacheConfig.from_model_config(hf, memory_budget_bytes=1 << 20)
+    assert (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim) == (2, 4, 12)
+    assert cfg.num_blocks == (1 << 20) // cfg.bytes_per_block
+
+
+def test_from_model_config_rejects_unknown_override():
+    with pytest.raises(ValueError, match="unknown KVCacheConfig field"):
+        KVCacheConfig.from_model_config(LlamaConfig(), blocksize=8)

@@ -1,0 +1,375 @@
+import pytest
+import torch
+
+from pagedkv.kvcache import OutOfBlocksError
+
+from .conftest import fill, make_manager, read
+
+
+def test_slots_follow_the_block_table():
+    mgr = make_manager()
+    assert mgr.allocate("a") == 0
+    slots = mgr.append("a", 10)
+    table = mgr.block_tables(["a"])[0]
+    assert table.dtype == torch.int32 and table.shape == (3,)
+    expected = torch.tensor([int(table[p // 4]) * 4 + p % 4 for p in range(10)])
+    assert torch.equal(slots, expected)
+    assert slots.dtype == torch.int64
+    assert mgr.seq_len("a") == 10 and mgr.seq_lens(["a"]).tolist() == [10]
+    mgr.check_invariants()
+
+
+def test_append_batch_is_sequence_major_and_pads_tables_with_zero():
+    mgr = make_manager()
+    for s, n in [("a", 3), ("b", 9)]:
+        mgr.allocate(s)
+        mgr.append(s, n)
+    slots = mgr.append_batch(["a", "b"], 2)
+    tables = mgr.block_tables(["a", "b"])
+    assert tables.shape == (2, 3) and int(tables[0, 2]) == 0
+    a_pos, b_pos = [3, 4], [9, 10]
+    expected = [int(tables[0, p // 4]) * 4 + p % 4 for p in a_pos]
+    expected += [int(tables[1, p // 4]) * 4 + p % 4 for p in b_pos]
+    assert slots.tolist() == expected
+    assert mgr.seq_lens(["b", "a"]).tolist() == [11, 5]
+
+
+def test_written_kv_reads_back():
+    mgr = make_manager()
+    mgr.allocate("a")
+    written = fill(mgr, "a", mgr.append("a", 7), seed=0)
+    k, v = read(mgr, "a", 1)
+    assert torch.equal(k, written[1][0]) and torch.equal(v, written[1][1])
+
+
+def test_prefix_hit_returns_the_kv_written_for_those_tokens():
+    mgr = make_manager()
+    prompt = list(range(100, 111))  # 11 tokens: 2 full blocks of 4 + 3
+    assert mgr.allocate("a", prompt) == 0
+    written = fill(mgr, "a", mgr.append("a", 11), seed=1)
+    mgr.free("a")
+    assert mgr.allocate("b", prompt + [5, 6]) == 8
+    k, v = read(mgr, "b", 0)
+    assert torch.equal(k, written[0][0][:8]) and torch.equal(v, written[0][1][:8])
+    stats = mgr.stats
+    assert (stats.prefix_queries, stats.prefix_hits) == (11 + 13, 8)
+    mgr.check_invariants()
+
+
+def test_prefix_lookup_always_leaves_a_token_to_compute():
+    mgr = make_manager()
+    prompt = list(range(8))  # exactly two blocks
+    mgr.allocate("a", prompt)
+    mgr.append("a", 8)
+    assert mgr.stats.num_cached_blocks == 2
+    assert mgr.allocate("b", prompt) == 4  # the last block is recomputed
+    assert mgr.allocate("c", prompt[:5]) == 4
+    assert mgr.allocate("d", prompt[:4]) == 0
+
+
+def test_prefix_stops_at_first_mismatch_and_extra_key_separates():
+    mgr = make_manager()
+    mgr.allocate("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], extra_key="m1")
+    mgr.append("a", 9)
+    assert mgr.allocate("b", [1, 2, 3, 4, 0, 6, 7, 8, 9], extra_key="m1") == 4
+    assert mgr.allocate("c", [1, 2, 3, 4, 5, 6, 7, 8, 9], extra_key="m2") == 0
+    assert mgr.allocate("d", [1, 2, 3, 4, 5, 6, 7, 8, 9], extra_key="m1") == 8
+
+
+def test_blocks_fill_and_register_with_append_token_ids():
+    mgr = make_manager()
+    mgr.allocate("a")
+    mgr.append("a", 3, token_ids=[1, 2, 3])
+    assert mgr.stats.num_cached_blocks == 0
+    mgr.append("a", 1, token_ids=[4])
+    mgr.append_batch(["a"], 4, token_ids=[[5, 6, 7, 8]])
+    assert mgr.stats.num_cached_blocks == 2
+    assert mgr.allocate("b", list(range(1, 10))) == 8
+    # Appending without ids stops on-the-fly registration: block 3 is never registered.
+    mgr.append("a", 4)
+    assert mgr.stats.num_cached_blocks == 2
+    # register_prefix declares the tokens afterwards (e.g. at the end of a generate call).
+    assert mgr.register_prefix("a", list(range(1, 13))) == 3
+    assert mgr.stats.num_cached_blocks == 3
+
+
+def test_register_prefix_rejects_more_tokens_than_stored():
+    mgr = make_manager()
+    mgr.allocate("a")
+    mgr.append("a", 3)
+    with pytest.raises(ValueError, match="got 4 token ids .* holds 3 tokens"):
+        mgr.register_prefix("a", [1, 2, 3, 4])
+
+
+def test_fork_shares_blocks_and_copies_the_shared_last_block_on_write():
+    mgr = make_manager()
+    mgr.allocate("p")
+    written = fill(mgr, "p", mgr.append("p", 6), seed=2)
+    mgr.fork("p", "c")
+    assert mgr.num_used_blocks == 2
+    assert mgr.block_tables(["p"]).tolist() == mgr.block_tables(["c"]).tolist()
+    child_slot = mgr.append("c", 1)
+    assert mgr.stats.cow_copies == 1 and mgr.num_used_blocks == 3
+    tp, tc = mgr.block_tables(["p"])[0], mgr.block_tables(["c"])[0]
+    assert tp[0] == tc[0] and tp[1] != tc[1]  # full first block still shared
+    fill(mgr, "c", child_slot, seed=3)
+    kp, _ = read(mgr, "p", 0)
+    kc, _ = read(mgr, "c", 0)
+    assert torch.equal(kp, written[0][0])  # parent untouched by the child's write
+    assert torch.equal(kc[:6], written[0][0])  # the child's copy holds the shared tokens
+    # The parent is now sole owner of its last block: no second copy.
+    mgr.append("p", 1)
+    assert mgr.stats.cow_copies == 1
+    mgr.check_invariants()
+
+
+def test_no_copy_when_the_shared_block_is_full():
+    mgr = make_manager()
+    mgr.allocate("p")
+    mgr.append("p", 8)
+    mgr.fork("p", "c")
+    mgr.append_batch(["p", "c"], 1)
+    assert mgr.stats.cow_copies == 0 and mgr.num_used_blocks == 4
+
+
+def test_reorder_moves_tables_with_ref_counts_only():
+    mgr = make_manager()
+    mgr.allocate("b0")
+    mgr.append("b0", 6)
+    for s in ("b1", "b2"):
+        mgr.fork("b0", s)
+    mgr.append_batch(["b0", "b1", "b2"], 1)  # two beams copy the shared block, b2 keeps it
+    assert mgr.stats.cow_copies == 2
+    before = mgr.num_used_blocks
+    tables = mgr.block_tables(["b0", "b1", "b2"])
+    mgr.reorder(["b0", "b1", "b2"], [2, 2, 0])
+    after = mgr.block_tables(["b0", "b1", "b2"])
+    assert after[0].tolist() == tables[2].tolist() == after[1].tolist()
+    assert after[2].tolist() == tables[0].tolist()
+    assert mgr.num_used_blocks == before - 1  # b1's old private block was released
+    assert mgr.stats.cow_copies == 2
+    mgr.check_invariants()
+    mgr.append_batch(["b0", "b1", "b2"], 1)  # b0 and b1 share a partial block: one copies
+    assert mgr.stats.cow_copies == 3
+    mgr.check_invariants()
+
+
+def test_reorder_validates_indices():
+    mgr = make_manager()
+    for s in ("a", "b"):
+        mgr.allocate(s)
+        mgr.append(s, 1)
+    with pytest.raises(ValueError, match="src_indices must hold 2 indices"):
+        mgr.reorder(["a", "b"], [0, 2])
+    with pytest.raises(ValueError, match="duplicate"):
+        mgr.reorder(["a", "a"], [0, 1])
+    mgr.check_invariants()
+
+
+def test_truncate_frees_blocks_and_unregisters_a_block_it_will_overwrite():
+    mgr = make_manager()
+    mgr.allocate("a", list(range(12)))
+    mgr.append("a", 12)
+    assert mgr.stats.num_cached_blocks == 3
+    mgr.truncate("a", 6)
+    assert mgr.seq_len("a") == 6 and mgr.num_used_blocks == 2
+    # Block 1 keeps tokens 4..5 and will be overwritten from 6 on: no longer a cached prefix.
+    assert mgr.stats.num_cached_blocks == 2  # blocks 0 and 2 (2 now free but still cached)
+    assert mgr.allocate("b", list(range(12))) == 4
+    mgr.check_invariants()
+    with pytest.raises(ValueError, match="cannot truncate sequence 'a' to 7 tokens"):
+        mgr.truncate("a", 7)
+
+
+def test_truncate_of_a_shared_block_copies_on_next_write():
+    mgr = make_manager()
+    mgr.allocate("a")
+    mgr.append("a", 8)
+    mgr.fork("a", "b")
+    mgr.truncate("b", 6)
+    mgr.append("b", 1)
+    assert mgr.stats.cow_copies == 1
+    mgr.check_invariants()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_swap_round_trip_is_bit_exact(dtype):
+    mgr = make_manager(num_cpu_blocks=8, dtype=dtype)
+    mgr.allocate("a")
+    fill(mgr, "a", mgr.append("a", 10), seed=4)
+    before = [read(mgr, "a", layer) for layer in range(2)]
+    mgr.swap_out("a")
+    assert mgr.num_used_blocks == 0 and mgr.seq_len("a") == 10
+    mgr.allocate("x")
+    fill(mgr, "x", mgr.append("x", 12), seed=5)  # reuse the freed device blocks
+    mgr.swap_in("a")
+    for layer in range(2):
+        k, v = read(mgr, "a", layer)
+        assert torch.equal(k, before[layer][0]) and torch.equal(v, before[layer][1])
+    s = mgr.stats
+    assert (s.swapped_out_blocks, s.swapped_in_blocks) == (3, 3)
+    mgr.check_invariants()
+
+
+def test_swapped_sequence_refuses_device_ops_and_can_be_freed():
+    mgr = make_manager(num_cpu_blocks=4)
+    mgr.allocate("a")
+    mgr.append("a", 5)
+    mgr.swap_out("a")
+    with pytest.raises(ValueError, match="swapped out; call swap_in"):
+        mgr.append("a", 1)
+    with pytest.raises(ValueError, match="swapped out"):
+        mgr.block_tables(["a"])
+    mgr.free("a")
+    assert "a" not in mgr
+    mgr.check_invariants()
+
+
+def test_swap_in_without_room_changes_nothing():
+    mgr = make_manager(num_blocks=4, num_cpu_blocks=4)
+    mgr.allocate("a")
+    mgr.append("a", 12)
+    mgr.swap_out("a")
+    mgr.allocate("b")
+    mgr.append("b", 8)
+    with pytest.raises(OutOfBlocksError, match="needed 3, free 2, total 4"):
+        mgr.swap_in("a")
+    assert mgr.swapped_seq_ids == ["a"] and mgr.num_free_blocks == 2
+    mgr.check_invariants()
+
+
+def test_swap_needs_cpu_space():
+    mgr = make_manager()
+    mgr.allocate("a")
+    with pytest.raises(ValueError, match="num_cpu_blocks > 0"):
+        mgr.swap_out("a")
+    small = make_manager(num_cpu_blocks=1)
+    small.allocate("a")
+    small.append("a", 5)
+    with pytest.raises(OutOfBlocksError, match="CPU swap space"):
+        small.swap_out("a")
+    small.check_invariants()
+
+
+def test_out_of_blocks_names_the_numbers_and_leaks_nothing():
+    mgr = make_manager(num_blocks=4)
+    mgr.allocate("a")
+    mgr.append("a", 10)
+    mgr.allocate("b")
+    with pytest.raises(OutOfBlocksError) as info:
+        mgr.append("b", 5)
+    assert (info.value.needed, info.value.free, info.value.total) == (2, 1, 4)
+    assert "num_blocks" in str(info.value)
+    assert mgr.seq_len("b") == 0 and mgr.num_free_blocks == 1
+    with pytest.raises(OutOfBlocksError):
+        mgr.append_batch(["a", "b"], 4)  # all or nothing
+    assert mgr.seq_lens(["a", "b"]).tolist() == [10, 0] and mgr.num_free_blocks == 1
+    mgr.check_invariants()
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        pytest.param(lambda m: m.allocate("a"), "already allocated", id="duplicate-id"),
+        pytest.param(lambda m: m.append("zz", 1), "unknown sequence id 'zz'", id="unknown-id"),
+        pytest.param(lambda m: m.append("a", 0), "num_tokens=0", id="zero-tokens"),
+        pytest.param(lambda m: m.append("a", -3), "num_tokens=-3", id="negative-tokens"),
+        pytest.param(
+            lambda m: m.append("a", 2, token_ids=[1]), "token_ids has 1 ids", id="ids-mismatch"
+        ),
+        pytest.param(
+            lambda m: m.append_batch(["a", "a"]), "duplicate sequence ids", id="dup-batch"
+        ),
+        pytest.param(lambda m: m.fork("a", "a"), "already allocated", id="fork-onto-self"),
+        pytest.param(lambda m: m.fork("zz", "b"), "unknown sequence id 'zz'", id="fork-unknown"),
+        pytest.param(lambda m: m.allocate([1]), "not hashable", id="unhashable-id"),
+        pytest.param(lambda m: m.allocate("b", ["x"]), "sequence of ints", id="bad-token-ids"),
+        pytest.param(lambda m: m.swap_in("a"), "not swapped out", id="swap-in-resident"),
+    ],
+)
+def test_bad_input_raises_and_changes_nothing(call, match):
+    mgr = make_manager()
+    mgr.allocate("a", [1, 2, 3])
+    mgr.append("a", 3)
+    before = (mgr.stats, mgr.block_tables(["a"]).tolist(), mgr.seq_ids)
+    with pytest.raises(ValueError, match=match):
+        call(mgr)
+    assert (mgr.stats, mgr.block_tables(["a"]).tolist(), mgr.seq_ids) == before
+    mgr.check_invariants()
+
+
+def test_double_free_raises():
+    mgr = make_manager()
+    mgr.allocate("a")
+    mgr.append("a", 3)
+    mgr.free("a")
+    with pytest.raises(ValueError, match="already freed"):
+        mgr.free("a")
+    assert mgr.num_free_blocks == 32
+
+
+@pytest.mark.parametrize(
+    "key_shape, dtype, match",
+    [
+        pytest.param(
+            (3, 2, 4),
+            torch.float32,
+            r"shape \[3, 2, 4\], expected \[\*, 2, 8\]",
+            id="wrong-head-dim",
+        ),
+        pytest.param((3, 3, 8), torch.float32, r"shape \[3, 3, 8\]", id="wrong-heads"),
+        pytest.param((3, 2, 8), torch.float64, "dtype float64", id="wrong-dtype"),
+        pytest.param(
+            (4, 2, 8),
+            torch.float32,
+            r"slot_mapping has shape \[3\], expected \[4\]",
+            id="more-tokens-than-slots",
+        ),
+    ],
+)
+def test_writing_a_wrong_kv_tensor_raises_and_writes_nothing(key_shape, dtype, match):
+    mgr = make_manager()
+    mgr.allocate("a")
+    slots = mgr.append("a", 3)
+    pool_before = mgr.cache.pool.clone()
+    k = torch.randn(key_shape, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        mgr.cache.write(0, k, k.clone(), slots)
+    assert torch.equal(mgr.cache.pool, pool_before)
+
+
+def test_reset_prefix_cache():
+    mgr = make_manager()
+    mgr.allocate("a", list(range(9)))
+    mgr.append("a", 9)
+    mgr.free("a")
+    assert mgr.reset_prefix_cache() == 2
+    assert mgr.allocate("b", list(range(9))) == 0
+
+
+def test_stats_repr_and_block_map():
+    mgr = make_manager()
+    mgr.allocate("a", list(range(6)))
+    mgr.append("a", 6)
+    mgr.fork("a", "b")
+    s = mgr.stats
+    assert (s.num_used_blocks, s.num_free_blocks, s.num_seqs) == (2, 30, 2)
+    assert s.usage == pytest.approx(2 / 32)
+    assert s.as_dict()["usage"] == pytest.approx(2 / 32)
+    text = repr(mgr)
+    assert "seqs=2" in text and "2/32 used" in text
+    states = [b["state"] for b in mgr.block_map()]
+    assert states.count("shared") == 2 and states.count("free") == 30
+    html = mgr._repr_html_()
+    assert html.count("block ") >= 32 and "shared" in html
+
+
+def test_free_all_releases_everything():
+    mgr = make_manager(num_cpu_blocks=4)
+    for s in "abc":
+        mgr.allocate(s)
+        mgr.append(s, 5)
+    mgr.swap_out("c")
+    mgr.free_all()
+    assert mgr.num_free_blocks == 32 and list(mgr) == []
+    mgr.check_invariants()
