@@ -317,6 +317,7 @@ class PagedCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` tokens (a positive value is the legacy new length)."""
+        tokens_to_remove = int(tokens_to_remove)  # transformers 5.17 passes a 0-d tensor
         remove = self._seen - tokens_to_remove if tokens_to_remove > 0 else -tokens_to_remove
         if remove <= 0:
             return
