@@ -20,8 +20,9 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
-from pagedkv.kvcache import KVCacheManager
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from pagedkv.kvcache import KVCacheManager
 
 from ._hf_attention import CACHE_KWARG
 

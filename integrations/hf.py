@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pagedkv.kvcache import KVCacheConfig, KVCacheManager, OutOfBlocksError
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
+
+from pagedkv.kvcache import KVCacheConfig, KVCacheManager, OutOfBlocksError
 
 from ._hf_attention import ATTN_NAME, register, reset_forward_cache, set_forward_cache
 from ._hf_cache import PagedCache
