@@ -22,6 +22,8 @@ from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_vector, check_tenso
 from ._config import TUNED, KernelConfig, config_key, from_triton_config
 
 
+# Kernels are laid out by hand: arguments grouped by role, one line of strides per tensor.
+# fmt: off
 @triton.jit
 def _find_seq(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q: tl.constexpr):
     """Binary search: the sequence whose q-blocks include `q_block_id`. Sequence i's q-blocks
@@ -278,7 +280,7 @@ def _merge_splits_kernel(
     # grid:        (num_tokens, num_q_heads)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
-    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_s = tl.arange(0, SPLITS_PAD).to(tl.int64)  # splits x tokens x heads x dims passes 2^31
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     s_valid = offs_s < NUM_SPLITS
     d_valid = offs_d < HEAD_DIM
@@ -301,6 +303,7 @@ def _merge_splits_kernel(
     o = tl.sum(o * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d * stride_o_d,
              o.to(out_ptr.dtype.element_ty), mask=d_valid)
+# fmt: on
 
 
 def _keep(config: triton.Config) -> bool:
@@ -314,7 +317,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> lis
     head_dim_pad = int(args.get("HEAD_DIM_PAD", 128))
     elem = 4 if args.get("FP32_DOT") else 2
     kept = [
-        c for c in configs
+        c
+        for c in configs
         if 2 * c.kwargs["BLOCK_N"] * head_dim_pad * elem * max(c.num_stages, 1) <= 160 * 1024
         and (head_dim_pad < 256 or c.kwargs["BLOCK_N"] <= 64)
     ]
@@ -404,11 +408,21 @@ def paged_attention(
     check_tensor(query, "query", shape=(None, None, None), dtypes=FLOAT_DTYPES)
     num_tokens, num_q_heads, head_dim = query.shape
     device = query.device
-    check_tensor(key_cache, "key_cache", shape=(None, None, None, head_dim), dtypes=FLOAT_DTYPES,
-                 device=device)
+    check_tensor(
+        key_cache,
+        "key_cache",
+        shape=(None, None, None, head_dim),
+        dtypes=FLOAT_DTYPES,
+        device=device,
+    )
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
-    check_tensor(value_cache, "value_cache", shape=tuple(key_cache.shape),
-                 dtypes=(key_cache.dtype,), device=device)
+    check_tensor(
+        value_cache,
+        "value_cache",
+        shape=tuple(key_cache.shape),
+        dtypes=(key_cache.dtype,),
+        device=device,
+    )
     if key_cache.dtype != query.dtype:
         raise ValueError(
             f"key_cache dtype {key_cache.dtype} differs from query dtype {query.dtype}; cast one"
@@ -417,8 +431,9 @@ def paged_attention(
         raise ValueError(
             f"query heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})"
         )
-    check_tensor(block_tables, "block_tables", shape=(None, None), dtypes=INDEX_DTYPES,
-                 device=device)
+    check_tensor(
+        block_tables, "block_tables", shape=(None, None), dtypes=INDEX_DTYPES, device=device
+    )
     num_seqs, max_blocks = block_tables.shape
     check_index_vector(seq_lens, "seq_lens", length=num_seqs, device=device)
     if query_start_loc is None:
@@ -441,9 +456,17 @@ def paged_attention(
     _dispatch.record("paged_attention", backend)
     if backend == "torch":
         return reference.paged_attention(
-            query, key_cache, value_cache, block_tables, seq_lens, scale=scale,
-            query_start_loc=query_start_loc, causal=causal, sliding_window=sliding_window,
-            softcap=softcap, out=out,
+            query,
+            key_cache,
+            value_cache,
+            block_tables,
+            seq_lens,
+            scale=scale,
+            query_start_loc=query_start_loc,
+            causal=causal,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            out=out,
         )
 
     if out is None:
@@ -461,6 +484,8 @@ def paged_attention(
         config = TUNED.get("paged_attention", key_str)
     autotune = config is None and not _dispatch.triton_interpreted()
     config = (config or KernelConfig()).merged(_default_config(is_decode, head_dim_pad, group_pad))
+    if config.block_n < 16:
+        raise ValueError(f"config block_n must be >= 16 (tl.dot needs it), got {config.block_n}")
     block_m = max(config.block_m, group_pad, 16)
     block_q = block_m // group_pad
     # decode: one q-block per sequence; else an upper bound on the q-blocks (see _find_seq)
@@ -484,12 +509,26 @@ def paged_attention(
     pl_strides = partial_lse.stride()[:2] if num_splits > 1 else (0, 0)
 
     args = (
-        query, key_cache, value_cache, block_tables, seq_lens,
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
         seq_lens if query_start_loc is None else query_start_loc,
-        out, partial_out, partial_lse,
-        num_seqs, float(scale), float(softcap or 1.0), int(sliding_window or 0),
-        *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride(),
-        *out.stride(), *po_strides, *pl_strides,
+        out,
+        partial_out,
+        partial_lse,
+        num_seqs,
+        float(scale),
+        float(softcap or 1.0),
+        int(sliding_window or 0),
+        *query.stride(),
+        *key_cache.stride(),
+        *value_cache.stride(),
+        *block_tables.stride(),
+        *out.stride(),
+        *po_strides,
+        *pl_strides,
     )
     meta = {
         "HEAD_DIM": head_dim,
@@ -514,13 +553,20 @@ def paged_attention(
         TUNED.set("paged_attention", key_str, tuned)
     else:
         _paged_attention_kernel[grid](
-            *args, **meta, BLOCK_N=config.block_n, num_warps=config.num_warps,
+            *args,
+            **meta,
+            BLOCK_N=config.block_n,
+            num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
-            partial_out, partial_lse, out,
-            *partial_out.stride()[:3], *partial_lse.stride()[:2], *out.stride(),
+            partial_out,
+            partial_lse,
+            out,
+            *partial_out.stride()[:3],
+            *partial_lse.stride()[:2],
+            *out.stride(),
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
             NUM_SPLITS=num_splits,

@@ -10,6 +10,8 @@ from . import _dispatch, reference
 from ._checks import FLOAT_DTYPES, check_tensor, next_power_of_2
 
 
+# Kernels are laid out by hand: arguments grouped by role, one line of strides per tensor.
+# fmt: off
 @triton.jit
 def _copy_blocks_kernel(
     # pointers
@@ -57,6 +59,7 @@ def _copy_blocks_kernel(
     v = tl.load(v_base + src * stride_vc_b + v_row, mask=mask)
     tl.store(k_base + dst * stride_kc_b + k_row, k, mask=mask)
     tl.store(v_base + dst * stride_vc_b + v_row, v, mask=mask)
+# fmt: on
 
 
 def _layer_stride(caches: list[torch.Tensor]) -> int | None:
@@ -104,15 +107,25 @@ def copy_blocks(
     device = first.device
     for name, caches in (("key_caches", key_caches), ("value_caches", value_caches)):
         for i, cache in enumerate(caches):
-            check_tensor(cache, f"{name}[{i}]", shape=tuple(first.shape), dtypes=(first.dtype,),
-                         device=device)
+            check_tensor(
+                cache,
+                f"{name}[{i}]",
+                shape=tuple(first.shape),
+                dtypes=(first.dtype,),
+                device=device,
+            )
             if cache.stride() != caches[0].stride():
                 raise ValueError(
                     f"{name}[{i}] has strides {cache.stride()}, expected {caches[0].stride()} "
                     f"(those of {name}[0])"
                 )
-    check_tensor(block_mapping, "block_mapping", shape=(None, 2), dtypes=(torch.int32, torch.int64),
-                 device=device)
+    check_tensor(
+        block_mapping,
+        "block_mapping",
+        shape=(None, 2),
+        dtypes=(torch.int32, torch.int64),
+        device=device,
+    )
     if block_mapping.stride(1) != 1:
         raise ValueError(
             f"block_mapping must have unit stride in dim 1, got {block_mapping.stride(1)}"
@@ -139,9 +152,17 @@ def copy_blocks(
     vc0 = value_caches[0]
     grid = (num_pairs, num_layers, block_size)
     _copy_blocks_kernel[grid](
-        first, vc0, key_ptrs, value_ptrs, block_mapping,
+        first,
+        vc0,
+        key_ptrs,
+        value_ptrs,
+        block_mapping,
         num_kv_heads,
-        key_step, value_step, *first.stride(), *vc0.stride(), block_mapping.stride(0),
+        key_step,
+        value_step,
+        *first.stride(),
+        *vc0.stride(),
+        block_mapping.stride(0),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=next_power_of_2(head_dim),
         HEADS_PAD=next_power_of_2(num_kv_heads),

@@ -10,6 +10,8 @@ from . import _dispatch, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_vector, check_tensor, next_power_of_2
 
 
+# Kernels are laid out by hand: arguments grouped by role, one line of strides per tensor.
+# fmt: off
 @triton.jit(do_not_specialize=["max_positions"])
 def _gather_kv_kernel(
     # pointers
@@ -72,6 +74,7 @@ def _gather_kv_kernel(
     )
     tl.store(ko_ptrs, k, mask=mask)
     tl.store(vo_ptrs, v, mask=mask)
+# fmt: on
 
 
 def gather_kv(
@@ -92,10 +95,16 @@ def gather_kv(
     check_tensor(key_cache, "key_cache", shape=(None, None, None, None), dtypes=FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
     device = key_cache.device
-    check_tensor(value_cache, "value_cache", shape=tuple(key_cache.shape),
-                 dtypes=(key_cache.dtype,), device=device)
-    check_tensor(block_tables, "block_tables", shape=(None, None), dtypes=INDEX_DTYPES,
-                 device=device)
+    check_tensor(
+        value_cache,
+        "value_cache",
+        shape=tuple(key_cache.shape),
+        dtypes=(key_cache.dtype,),
+        device=device,
+    )
+    check_tensor(
+        block_tables, "block_tables", shape=(None, None), dtypes=INDEX_DTYPES, device=device
+    )
     num_seqs, max_blocks = block_tables.shape
     check_index_vector(seq_lens, "seq_lens", length=num_seqs, device=device)
 
@@ -113,10 +122,20 @@ def gather_kv(
         return key, value
     seq_starts = torch.cumsum(seq_lens, 0, dtype=torch.int64) - seq_lens
     _gather_kv_kernel[(num_seqs, max_positions)](
-        key_cache, value_cache, block_tables, seq_lens, seq_starts, key, value,
-        num_kv_heads, max_positions,
-        *key_cache.stride(), *value_cache.stride(), *block_tables.stride(),
-        *key.stride(), *value.stride(),
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        seq_starts,
+        key,
+        value,
+        num_kv_heads,
+        max_positions,
+        *key_cache.stride(),
+        *value_cache.stride(),
+        *block_tables.stride(),
+        *key.stride(),
+        *value.stride(),
         BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=next_power_of_2(head_dim),

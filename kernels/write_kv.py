@@ -13,6 +13,8 @@ from ._checks import FLOAT_DTYPES, check_index_vector, check_tensor, next_power_
 from ._config import TUNED, KernelConfig, config_key, from_triton_config
 
 
+# Kernels are laid out by hand: arguments grouped by role, one line of strides per tensor.
+# fmt: off
 @triton.jit
 def _write_kv_kernel(
     # pointers
@@ -69,6 +71,7 @@ def _write_kv_kernel(
     )
     tl.store(kc_ptrs, k, mask=mask)
     tl.store(vc_ptrs, v, mask=mask)
+# fmt: on
 
 
 def _keep(config: triton.Config) -> bool:
@@ -127,13 +130,24 @@ def write_kv(
     check_tensor(key_cache, "key_cache", shape=(None, None, None, None), dtypes=FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
     device = key_cache.device
-    check_tensor(value_cache, "value_cache", shape=tuple(key_cache.shape),
-                 dtypes=(key_cache.dtype,), device=device)
-    check_tensor(key, "key", shape=(None, num_kv_heads, head_dim), dtypes=FLOAT_DTYPES,
-                 device=device)
+    check_tensor(
+        value_cache,
+        "value_cache",
+        shape=tuple(key_cache.shape),
+        dtypes=(key_cache.dtype,),
+        device=device,
+    )
+    check_tensor(
+        key, "key", shape=(None, num_kv_heads, head_dim), dtypes=FLOAT_DTYPES, device=device
+    )
     num_tokens = key.shape[0]
-    check_tensor(value, "value", shape=(num_tokens, num_kv_heads, head_dim), dtypes=(key.dtype,),
-                 device=device)
+    check_tensor(
+        value,
+        "value",
+        shape=(num_tokens, num_kv_heads, head_dim),
+        dtypes=(key.dtype,),
+        device=device,
+    )
     check_index_vector(slot_mapping, "slot_mapping", length=num_tokens, device=device)
     config = KernelConfig.coerce(config)
 
@@ -154,9 +168,16 @@ def write_kv(
         config = _default_config(num_kv_heads, head_dim)
 
     args = (
-        key, value, key_cache, value_cache, slot_mapping,
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
         num_kv_heads,
-        *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
+        *key.stride(),
+        *value.stride(),
+        *key_cache.stride(),
+        *value_cache.stride(),
     )
     meta = {
         "BLOCK_SIZE": block_size,

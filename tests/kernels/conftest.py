@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from pagedkv.kernels import reference
 
 
@@ -74,13 +75,20 @@ def make_paged_problem(
         num_tokens, query_start_loc = num_seqs, None
     else:
         num_tokens = sum(q_lens)
-        query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()],
-                                       dtype=torch.int32)
+        query_start_loc = torch.tensor(
+            [0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32
+        )
     query = torch.randn(num_tokens, num_q_heads, head_dim, generator=gen).to(dtype)
     return PagedProblem(
-        query=query, key=key, value=value, pool=pool, key_cache=key_cache,
-        value_cache=value_cache, block_tables=block_tables,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), query_start_loc=query_start_loc,
+        query=query,
+        key=key,
+        value=value,
+        pool=pool,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        block_tables=block_tables,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=query_start_loc,
         slot_mapping=slot_mapping,
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pagedkv.kernels import paged_attention, reference, trace_backends
 
 # fp32 runs a true fp32 dot; fp16 rounds P to fp16 before P @ V and rounds the output.
@@ -17,16 +18,26 @@ TOLERANCES = {torch.float32: 2e-5, torch.float16: 3e-3}
 
 def run_triton(problem, **kwargs):
     return paged_attention(
-        problem.query, problem.key_cache, problem.value_cache, problem.block_tables,
-        problem.seq_lens, query_start_loc=problem.query_start_loc, backend="triton", **kwargs,
+        problem.query,
+        problem.key_cache,
+        problem.value_cache,
+        problem.block_tables,
+        problem.seq_lens,
+        query_start_loc=problem.query_start_loc,
+        backend="triton",
+        **kwargs,
     )
 
 
 def run_reference64(problem, **kwargs):
     kwargs = {k: v for k, v in kwargs.items() if k not in ("config", "out")}
     return reference.paged_attention(
-        problem.query.double(), problem.key_cache.double(), problem.value_cache.double(),
-        problem.block_tables, problem.seq_lens, query_start_loc=problem.query_start_loc,
+        problem.query.double(),
+        problem.key_cache.double(),
+        problem.value_cache.double(),
+        problem.block_tables,
+        problem.seq_lens,
+        query_start_loc=problem.query_start_loc,
         **kwargs,
     )
 
@@ -56,14 +67,30 @@ DECODE_CASES = [
     pytest.param([40], 2, 1, 256, 16, F32, {}, id="B1-Hq2-Hkv1-D256-bs16-fp32"),
     pytest.param([13, 30], 6, 2, 64, 8, F16, {}, id="B2-Hq6-Hkv2-D64-bs8-gqa3"),
     pytest.param([32, 8], 4, 2, 64, 8, F32, {}, id="B2-exact-block-multiples"),
-    pytest.param([100, 7], 8, 2, 64, 16, F16, {"config": {"num_splits": 4}},
-                 id="B2-splitK4-D64-bs16"),
-    pytest.param([70, 3, 1], 4, 1, 80, 8, F32, {"config": {"num_splits": 3, "block_n": 16}},
-                 id="B3-splitK3-D80-bs8-bn16"),
+    pytest.param(
+        [100, 7], 8, 2, 64, 16, F16, {"config": {"num_splits": 4}}, id="B2-splitK4-D64-bs16"
+    ),
+    pytest.param(
+        [70, 3, 1],
+        4,
+        1,
+        80,
+        8,
+        F32,
+        {"config": {"num_splits": 3, "block_n": 16}},
+        id="B3-splitK3-D80-bs8-bn16",
+    ),
     pytest.param([50, 20], 4, 2, 64, 16, F32, {"sliding_window": 9}, id="B2-window9"),
-    pytest.param([50, 20], 4, 2, 64, 16, F16,
-                 {"sliding_window": 16, "config": {"num_splits": 3, "block_n": 16}},
-                 id="B2-window16-splitK3"),
+    pytest.param(
+        [50, 20],
+        4,
+        2,
+        64,
+        16,
+        F16,
+        {"sliding_window": 16, "config": {"num_splits": 3, "block_n": 16}},
+        id="B2-window16-splitK3",
+    ),
     pytest.param([45, 2], 4, 2, 64, 16, F32, {"softcap": 4.0}, id="B2-softcap4"),
     pytest.param([30], 4, 4, 64, 32, F16, {"config": {"block_n": 16}}, id="B1-bs32-bn16"),
     pytest.param([30, 11], 4, 2, 64, 8, F16, {"config": {"block_n": 64}}, id="B2-bs8-bn64"),
@@ -80,23 +107,60 @@ PREFILL_CASES = [
     pytest.param([17, 1, 32], [17, 1, 32], 8, 2, 64, 16, F16, {}, id="B3-T50-Hq8-Hkv2-D64-bs16"),
     pytest.param([24, 9], [24, 9], 4, 1, 80, 8, F32, {}, id="B2-T33-Hq4-Hkv1-D80-bs8"),
     pytest.param([19], [19], 2, 2, 256, 16, F16, {}, id="B1-T19-Hq2-Hkv2-D256-bs16"),
-    pytest.param([20, 33, 16], [4, 1, 16], 8, 2, 128, 32, F16, {},
-                 id="prefix-B3-T21-Hq8-Hkv2-D128-bs32"),
-    pytest.param([40, 12], [9, 5], 4, 4, 96, 16, F32, {"config": {"block_m": 16}},
-                 id="prefix-B2-T14-D96-bm16-many-qblocks"),
-    pytest.param([26, 1, 18], [26, 1, 5], 8, 1, 64, 8, F16, {"config": {"block_m": 32}},
-                 id="B3-T32-MQA-bm32"),
-    pytest.param([30, 21], [30, 6], 4, 2, 64, 16, F32,
-                 {"config": {"num_splits": 2, "block_n": 16}}, id="prefix-B2-splitK2"),
+    pytest.param(
+        [20, 33, 16], [4, 1, 16], 8, 2, 128, 32, F16, {}, id="prefix-B3-T21-Hq8-Hkv2-D128-bs32"
+    ),
+    pytest.param(
+        [40, 12],
+        [9, 5],
+        4,
+        4,
+        96,
+        16,
+        F32,
+        {"config": {"block_m": 16}},
+        id="prefix-B2-T14-D96-bm16-many-qblocks",
+    ),
+    pytest.param(
+        [26, 1, 18], [26, 1, 5], 8, 1, 64, 8, F16, {"config": {"block_m": 32}}, id="B3-T32-MQA-bm32"
+    ),
+    pytest.param(
+        [30, 21],
+        [30, 6],
+        4,
+        2,
+        64,
+        16,
+        F32,
+        {"config": {"num_splits": 2, "block_n": 16}},
+        id="prefix-B2-splitK2",
+    ),
     pytest.param([30, 9], [11, 9], 4, 2, 64, 8, F32, {"sliding_window": 4}, id="B2-window4"),
     pytest.param([25, 3], [6, 3], 4, 1, 64, 16, F32, {"softcap": 5.0}, id="B2-softcap5"),
-    pytest.param([25, 12], [25, 4], 4, 2, 64, 16, F16, {"softcap": 3.0, "sliding_window": 7},
-                 id="B2-softcap-window-fp16"),
+    pytest.param(
+        [25, 12],
+        [25, 4],
+        4,
+        2,
+        64,
+        16,
+        F16,
+        {"softcap": 3.0, "sliding_window": 7},
+        id="B2-softcap-window-fp16",
+    ),
     pytest.param([12, 7], [12, 3], 2, 1, 64, 16, F32, {"causal": False}, id="B2-noncausal"),
     pytest.param([3, 5], [6, 7], 4, 2, 64, 8, F32, {}, id="qlen-gt-seqlen-zero-rows"),
-    pytest.param([2, 6], [5, 6], 4, 2, 64, 8, F16,
-                 {"config": {"block_m": 16, "num_splits": 2, "block_n": 16}},
-                 id="qlen-gt-seqlen-splitK"),
+    pytest.param(
+        [2, 6],
+        [5, 6],
+        4,
+        2,
+        64,
+        8,
+        F16,
+        {"config": {"block_m": 16, "num_splits": 2, "block_n": 16}},
+        id="qlen-gt-seqlen-splitK",
+    ),
 ]
 
 
@@ -143,6 +207,13 @@ def test_int64_block_tables_and_seq_lens(make_paged):
 def test_empty_batch():
     query = torch.empty(0, 4, 64)
     cache = torch.empty(3, 8, 2, 64)
-    out = paged_attention(query, cache, cache, torch.zeros(0, 1, dtype=torch.int32),
-                          torch.zeros(0, dtype=torch.int32), scale=0.125, backend="triton")
+    out = paged_attention(
+        query,
+        cache,
+        cache,
+        torch.zeros(0, 1, dtype=torch.int32),
+        torch.zeros(0, dtype=torch.int32),
+        scale=0.125,
+        backend="triton",
+    )
     assert out.shape == (0, 4, 64)

@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 import torch
+
 from pagedkv.kernels import copy_blocks, reference, trace_backends
 from pagedkv.kernels.copy_blocks import _layer_stride
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pagedkv.kernels import gather_kv, reference, trace_backends, write_kv
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -21,12 +22,18 @@ CASES = [
 def test_gather_kv_matches_reference(make_paged, seq_lens, hkv, d, bs, dtype):
     problem = make_paged(seq_lens, None, hkv, hkv, d, bs, dtype)
     with trace_backends() as calls:
-        key, value = gather_kv(problem.key_cache, problem.value_cache, problem.block_tables,
-                               problem.seq_lens, backend="triton")
+        key, value = gather_kv(
+            problem.key_cache,
+            problem.value_cache,
+            problem.block_tables,
+            problem.seq_lens,
+            backend="triton",
+        )
     assert calls == [("gather_kv", "triton")]
     assert torch.equal(key, problem.key) and torch.equal(value, problem.value)  # no NaN read
-    ref_key, ref_value = reference.gather_kv(problem.key_cache, problem.value_cache,
-                                             problem.block_tables, problem.seq_lens)
+    ref_key, ref_value = reference.gather_kv(
+        problem.key_cache, problem.value_cache, problem.block_tables, problem.seq_lens
+    )
     assert torch.equal(key, ref_key) and torch.equal(value, ref_value)
 
 
@@ -34,15 +41,32 @@ def test_write_then_gather_round_trip(make_paged):
     problem = make_paged([13, 8], None, 2, 2, 64, 8, BF16)
     new_key = torch.randn_like(problem.key, dtype=F32).to(BF16)
     new_value = torch.randn_like(problem.value, dtype=F32).to(BF16)
-    write_kv(new_key, new_value, problem.key_cache, problem.value_cache, problem.slot_mapping,
-             backend="triton")
-    key, value = gather_kv(problem.key_cache, problem.value_cache, problem.block_tables,
-                           problem.seq_lens, num_tokens=21, backend="triton")
+    write_kv(
+        new_key,
+        new_value,
+        problem.key_cache,
+        problem.value_cache,
+        problem.slot_mapping,
+        backend="triton",
+    )
+    key, value = gather_kv(
+        problem.key_cache,
+        problem.value_cache,
+        problem.block_tables,
+        problem.seq_lens,
+        num_tokens=21,
+        backend="triton",
+    )
     assert torch.equal(key, new_key) and torch.equal(value, new_value)
 
 
 def test_gather_kv_empty_sequences(make_paged):
     problem = make_paged([0, 5, 0], None, 2, 2, 64, 8, F16)
-    key, value = gather_kv(problem.key_cache, problem.value_cache, problem.block_tables,
-                           problem.seq_lens, backend="triton")
+    key, value = gather_kv(
+        problem.key_cache,
+        problem.value_cache,
+        problem.block_tables,
+        problem.seq_lens,
+        backend="triton",
+    )
     assert torch.equal(key, problem.key) and key.shape == (5, 2, 64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pagedkv.kernels import reference
 
 
@@ -26,10 +27,14 @@ def oracle_attention(problem, *, scale, causal=True, sliding_window=None, softca
         k_start += seq_len
         for j in range(q_len):
             pos = seq_len - q_len + j
-            visible = torch.tensor([
-                (not causal or k <= pos) and (sliding_window is None or pos - k < sliding_window)
-                for k in range(seq_len)
-            ], dtype=torch.bool)
+            visible = torch.tensor(
+                [
+                    (not causal or k <= pos)
+                    and (sliding_window is None or pos - k < sliding_window)
+                    for k in range(seq_len)
+                ],
+                dtype=torch.bool,
+            )
             if not visible.any():
                 continue  # stays 0
             for h in range(num_q_heads):
@@ -44,8 +49,13 @@ def oracle_attention(problem, *, scale, causal=True, sliding_window=None, softca
 
 def run_reference(problem, **kwargs):
     return reference.paged_attention(
-        problem.query, problem.key_cache, problem.value_cache, problem.block_tables,
-        problem.seq_lens, query_start_loc=problem.query_start_loc, **kwargs,
+        problem.query,
+        problem.key_cache,
+        problem.value_cache,
+        problem.block_tables,
+        problem.seq_lens,
+        query_start_loc=problem.query_start_loc,
+        **kwargs,
     )
 
 
@@ -53,27 +63,59 @@ TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 CASES = [
     # seq_lens, q_lens (None = decode), Hq, Hkv, D, bs, dtype, kwargs
-    pytest.param([1, 16, 37], None, 8, 2, 64, 16, torch.float32, {},
-                 id="decode-B3-Hq8-Hkv2-D64-bs16"),
+    pytest.param(
+        [1, 16, 37], None, 8, 2, 64, 16, torch.float32, {}, id="decode-B3-Hq8-Hkv2-D64-bs16"
+    ),
     pytest.param([5], None, 4, 4, 80, 8, torch.float32, {}, id="decode-B1-Hq4-Hkv4-D80-bs8"),
     pytest.param([9, 33], None, 8, 1, 96, 32, torch.float16, {}, id="decode-B2-MQA-D96-bs32-fp16"),
     pytest.param([20, 7], None, 4, 2, 64, 8, torch.bfloat16, {}, id="decode-B2-bf16"),
-    pytest.param([17, 1, 32], [17, 1, 32], 8, 2, 64, 16, torch.float32, {},
-                 id="prefill-B3-T50-Hq8-Hkv2-D64-bs16"),
-    pytest.param([20, 33, 16], [4, 1, 16], 8, 2, 128, 32, torch.float32, {},
-                 id="prefix-B3-T21-Hq8-Hkv2-D128-bs32"),
+    pytest.param(
+        [17, 1, 32],
+        [17, 1, 32],
+        8,
+        2,
+        64,
+        16,
+        torch.float32,
+        {},
+        id="prefill-B3-T50-Hq8-Hkv2-D64-bs16",
+    ),
+    pytest.param(
+        [20, 33, 16],
+        [4, 1, 16],
+        8,
+        2,
+        128,
+        32,
+        torch.float32,
+        {},
+        id="prefix-B3-T21-Hq8-Hkv2-D128-bs32",
+    ),
     pytest.param([12], [12], 2, 1, 64, 16, torch.float32, {"causal": False}, id="noncausal-B1"),
-    pytest.param([30, 9], [5, 9], 4, 2, 64, 8, torch.float32, {"sliding_window": 4},
-                 id="window4-B2-prefix"),
-    pytest.param([30, 9], None, 4, 2, 64, 8, torch.float32, {"sliding_window": 1},
-                 id="window1-decode"),
-    pytest.param([25, 3], [6, 3], 4, 1, 64, 16, torch.float32, {"softcap": 5.0},
-                 id="softcap5-B2-prefix"),
-    pytest.param([25, 3], None, 4, 4, 64, 16, torch.float16,
-                 {"softcap": 2.0, "sliding_window": 8}, id="softcap-window-decode-fp16"),
+    pytest.param(
+        [30, 9], [5, 9], 4, 2, 64, 8, torch.float32, {"sliding_window": 4}, id="window4-B2-prefix"
+    ),
+    pytest.param(
+        [30, 9], None, 4, 2, 64, 8, torch.float32, {"sliding_window": 1}, id="window1-decode"
+    ),
+    pytest.param(
+        [25, 3], [6, 3], 4, 1, 64, 16, torch.float32, {"softcap": 5.0}, id="softcap5-B2-prefix"
+    ),
+    pytest.param(
+        [25, 3],
+        None,
+        4,
+        4,
+        64,
+        16,
+        torch.float16,
+        {"softcap": 2.0, "sliding_window": 8},
+        id="softcap-window-decode-fp16",
+    ),
     pytest.param([3, 5], [6, 7], 4, 2, 64, 8, torch.float32, {}, id="qlen-gt-seqlen-zero-rows"),
-    pytest.param([3, 5], [6, 7], 4, 2, 64, 8, torch.float32, {"softcap": 3.0},
-                 id="qlen-gt-seqlen-softcap"),
+    pytest.param(
+        [3, 5], [6, 7], 4, 2, 64, 8, torch.float32, {"softcap": 3.0}, id="qlen-gt-seqlen-softcap"
+    ),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pagedkv.kernels import reference, trace_backends, write_kv
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -66,8 +67,9 @@ def test_write_kv_casts_to_cache_dtype():
     assert torch.equal(cache, expected)
 
 
-@pytest.mark.parametrize("config", [{"block_h": 1, "num_warps": 1}, {"block_h": 4}],
-                         ids=["bh1-w1", "bh4"])
+@pytest.mark.parametrize(
+    "config", [{"block_h": 1, "num_warps": 1}, {"block_h": 4}], ids=["bh1-w1", "bh4"]
+)
 def test_write_kv_explicit_config(config):
     cache = torch.full((3, 16, 6, 64), float("nan"), dtype=F16)
     values = cache.clone()
@@ -81,6 +83,12 @@ def test_write_kv_explicit_config(config):
 
 def test_write_kv_empty():
     cache = torch.full((2, 8, 2, 64), float("nan"))
-    write_kv(torch.empty(0, 2, 64), torch.empty(0, 2, 64), cache, cache, torch.empty(0).long(),
-             backend="triton")
+    write_kv(
+        torch.empty(0, 2, 64),
+        torch.empty(0, 2, 64),
+        cache,
+        cache,
+        torch.empty(0).long(),
+        backend="triton",
+    )
     assert cache.isnan().all()
