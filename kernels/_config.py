@@ -1,8 +1,10 @@
 """Launch configurations: the explicit `config=` of a launcher, and tuned configs by key.
 
-A launcher picks its config in this order: the caller's ``config=``; a tuned config loaded with
-`load_tuned_configs` (or recorded by an autotuned launch) under the op's key; under the Triton
-interpreter a fixed default (autotuning there is far too slow); otherwise ``triton.autotune``.
+A launcher picks its config in this order: the caller's ``config=``; a tuned config under the
+op's key (loaded with `load_tuned_configs`, set with `set_tuned_config`, or shipped as
+``tuned_configs.json`` beside this file); under the Triton interpreter a fixed default
+(autotuning there is far too slow); otherwise ``triton.autotune``, whose pick
+`save_tuned_configs` writes out.
 Keys name head_dim, block_size and dtype (and the attention mode), never token counts.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,23 +85,37 @@ def config_key(
 class TunedConfigs:
     """op name -> key -> KernelConfig, with a JSON round trip.
 
-    One process-wide instance (`TUNED`) serves the launchers, like Triton's own autotune cache;
-    it only ever holds configs, so a stale entry costs speed, never correctness.
+    Two process-wide instances, like Triton's own autotune cache (they only ever hold configs,
+    so a stale entry costs speed, never correctness): `TUNED`, which launchers consult, and
+    `AUTOTUNED`, where launchers note what ``triton.autotune`` picked so `save_tuned_configs`
+    can write it out. `TUNED` starts from ``tuned_configs.json`` beside this file, if shipped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, defaults_path: Path | None = None) -> None:
         self._table: dict[str, dict[str, KernelConfig]] = {}
+        self._defaults_path = defaults_path
+
+    def _load_defaults(self) -> None:
+        path, self._defaults_path = self._defaults_path, None
+        if path is not None and path.exists():
+            with open(path) as f:
+                self.update_from_dict(json.load(f))
 
     def get(self, op: str, key: str) -> KernelConfig | None:
+        self._load_defaults()
         return self._table.get(op, {}).get(key)
 
     def set(self, op: str, key: str, config: KernelConfig | dict[str, Any]) -> None:
+        self._load_defaults()
         self._table.setdefault(op, {})[key] = KernelConfig.coerce(config)
 
     def clear(self) -> None:
+        """Forget every config, shipped defaults included."""
+        self._defaults_path = None
         self._table.clear()
 
     def to_dict(self) -> dict[str, dict[str, dict[str, int]]]:
+        self._load_defaults()
         return {
             op: {key: config.to_dict() for key, config in sorted(table.items())}
             for op, table in sorted(self._table.items())
@@ -107,16 +124,22 @@ class TunedConfigs:
     def update_from_dict(self, data: dict[str, dict[str, dict[str, int]]]) -> None:
         for op, table in data.items():
             for key, config in table.items():
-                self.set(op, key, config)
+                self._table.setdefault(op, {})[key] = KernelConfig.coerce(config)
 
 
-TUNED = TunedConfigs()
+SHIPPED_CONFIGS = Path(__file__).with_name("tuned_configs.json")
+TUNED = TunedConfigs(SHIPPED_CONFIGS)
+AUTOTUNED = TunedConfigs()
 
 
 def save_tuned_configs(path: str | os.PathLike) -> None:
-    """Write every tuned config (loaded, set, or picked by autotune in this process) as JSON."""
+    """Write the configs autotune picked in this process, overridden by those loaded or set,
+    as JSON (op -> key -> config fields)."""
+    data = AUTOTUNED.to_dict()
+    for op, table in TUNED.to_dict().items():
+        data.setdefault(op, {}).update(table)
     with open(path, "w") as f:
-        json.dump(TUNED.to_dict(), f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
 
 
@@ -124,10 +147,8 @@ def load_tuned_configs(path: str | os.PathLike, *, replace: bool = False) -> Non
     """Read configs written by `save_tuned_configs`; launchers use them by key from now on."""
     with open(path) as f:
         data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{path}: expected a JSON object of op -> key -> config, got {type(data).__name__}"
-        )
+    if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
+        raise ValueError(f"{path}: expected a JSON object of op -> key -> config")
     if replace:
         TUNED.clear()
     TUNED.update_from_dict(data)
@@ -143,7 +164,9 @@ def get_tuned_config(op: str, key: str) -> KernelConfig | None:
 
 
 def clear_tuned_configs() -> None:
+    """Forget loaded, set, shipped and autotune-picked configs."""
     TUNED.clear()
+    AUTOTUNED.clear()
 
 
 def from_triton_config(config: Any) -> KernelConfig:

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import _dispatch, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_vector, check_tensor, next_power_of_2
-from ._config import TUNED, KernelConfig, config_key, from_triton_config
+from ._config import AUTOTUNED, TUNED, KernelConfig, config_key, from_triton_config
 
 
 # Kernels are laid out by hand: arguments grouped by role, one line of strides per tensor.
@@ -550,7 +550,7 @@ def paged_attention(
     if autotune:
         _paged_attention_kernel_tuned[grid](*args, **meta)
         tuned = from_triton_config(_paged_attention_kernel_tuned.best_config)
-        TUNED.set("paged_attention", key_str, tuned)
+        AUTOTUNED.set("paged_attention", key_str, tuned)
     else:
         _paged_attention_kernel[grid](
             *args,

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from . import _dispatch, reference
 from ._checks import FLOAT_DTYPES, check_index_vector, check_tensor, next_power_of_2
-from ._config import TUNED, KernelConfig, config_key, from_triton_config
+from ._config import AUTOTUNED, TUNED, KernelConfig, config_key, from_triton_config
 
 
 # Kernels are laid out by hand: arguments grouped by role, one line of strides per tensor.
@@ -187,7 +187,7 @@ def write_kv(
     if config is None:
         grid = lambda META: (num_tokens, triton.cdiv(num_kv_heads, META["BLOCK_H"]))
         _write_kv_kernel_tuned[grid](*args, **meta)
-        TUNED.set("write_kv", key_str, from_triton_config(_write_kv_kernel_tuned.best_config))
+        AUTOTUNED.set("write_kv", key_str, from_triton_config(_write_kv_kernel_tuned.best_config))
         return
     config = config.merged(_default_config(num_kv_heads, head_dim))
     grid = (num_tokens, triton.cdiv(num_kv_heads, config.block_h))

@@ -140,13 +140,20 @@ def test_config_key():
 
 
 def test_tuned_configs_round_trip(tmp_path, _clean_tuned):
+    config_module = importlib.import_module("pagedkv.kernels._config")
+    # what autotune picked is saved, but a loaded/set config for the same key wins
+    config_module.AUTOTUNED.set("paged_attention", "D64-bs8-float32-decode", {"block_n": 64})
+    config_module.AUTOTUNED.set("paged_attention", "D80-bs8-float32-decode", {"num_warps": 8})
     kernels.set_tuned_config("paged_attention", "D64-bs8-float32-decode", {"block_n": 16})
     kernels.set_tuned_config("write_kv", "D64-bs8-float32", KernelConfig(block_h=2, num_warps=2))
     path = tmp_path / "tuned.json"
     kernels.save_tuned_configs(path)
     data = json.loads(path.read_text())
     assert data == {
-        "paged_attention": {"D64-bs8-float32-decode": {"block_n": 16}},
+        "paged_attention": {
+            "D64-bs8-float32-decode": {"block_n": 16},
+            "D80-bs8-float32-decode": {"num_warps": 8},
+        },
         "write_kv": {"D64-bs8-float32": {"block_h": 2, "num_warps": 2}},
     }
     kernels.clear_tuned_configs()
