@@ -1,0 +1,298 @@
+"""Block sharing, prefix reuse, capacity, enable/disable, explicit caches (llama unless noted)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from pagedkv.integrations import (
+    ATTN_NAME,
+    PagedCache,
+    disable_paged_attention,
+    enable_paged_attention,
+)
+from pagedkv.kernels import trace_backends, triton_interpreted
+from pagedkv.kvcache import OutOfBlocksError
+
+BS = 4
+
+
+@pytest.fixture
+def llama(helpers):
+    return helpers.build_model("llama")
+
+
+def _stock(model, **kwargs):
+    torch.manual_seed(kwargs.pop("seed", 0))
+    with torch.no_grad():
+        return model.generate(pad_token_id=0, **kwargs)
+
+
+def _paged(model, **kwargs):
+    return _stock(model, **kwargs)  # same call; the model decides which path runs
+
+
+class _Recorder:
+    """Forward hook: the width of each forward's input and the blocks in use after it."""
+
+    def __init__(self, model, manager):
+        self.manager = manager
+        self.widths: list[int] = []
+        self.used: list[int] = []
+        self.private: list[int] = []  # blocks the rows would need without sharing
+        self.handle = model.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs, output):
+        ids = kwargs.get("input_ids")
+        self.widths.append(ids.shape[1])
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+        self.used.append(self.manager.num_used_blocks)
+        self.private.append(sum(math.ceil(self.manager.seq_len(s) / BS) for s in cache.seq_ids))
+
+    def remove(self):
+        self.handle.remove()
+
+
+def test_attention_reads_the_blocks(llama, helpers):
+    ids, mask = helpers.padded_batch([9, 4])
+    stock = _stock(llama, input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    enable_paged_attention(llama, block_size=BS)
+    with trace_backends() as calls:
+        paged = _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(stock, paged)
+    ops = {op for op, _ in calls}
+    assert {"write_kv", "paged_attention"} <= ops
+    assert "gather_kv" not in ops, "no per-step gather"
+    # one write and one attention per layer per forward (prefill + 5 decode steps)
+    assert sum(op == "paged_attention" for op, _ in calls) == 2 * 6
+
+
+def test_beam_search_shares_blocks(llama, helpers):
+    ids, mask = helpers.padded_batch([10], seed=8)
+    stock = _stock(llama, input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=4)
+    manager = enable_paged_attention(llama, block_size=BS)
+    rec = _Recorder(llama, manager)
+    paged = _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=4)
+    rec.remove()
+    assert torch.equal(stock, paged)
+    # after the prefill the 4 beams hold one copy of the prompt: ceil(10 / 4) = 3 blocks
+    assert rec.used[0] == 3 and rec.private[0] == 4 * 3
+    assert all(u < p for u, p in zip(rec.used, rec.private, strict=True)), (rec.used, rec.private)
+    assert manager.stats.cow_copies > 0
+    assert manager.num_used_blocks == 0
+
+
+def test_num_return_sequences_share_prompt_blocks(llama, helpers):
+    ids, mask = helpers.padded_batch([9, 13], seed=9)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        do_sample=True,
+        num_return_sequences=4,
+        seed=3,
+    )
+    stock = _stock(llama, **kwargs)
+    manager = enable_paged_attention(llama, block_size=BS)
+    rec = _Recorder(llama, manager)
+    paged = _paged(llama, **kwargs)
+    rec.remove()
+    assert torch.equal(stock, paged)
+    assert rec.used[0] == math.ceil(9 / BS) + math.ceil(13 / BS)
+    assert rec.private[0] == 4 * rec.used[0]
+
+
+def test_prefix_reuse_across_calls(llama, helpers):
+    prompt, _ = helpers.padded_batch([13], seed=10)
+    longer = torch.cat([prompt, torch.tensor([[7, 9, 11, 13, 15]])], dim=1)  # 18 tokens
+    stock1 = _stock(llama, input_ids=prompt, max_new_tokens=8)
+    stock2 = _stock(llama, input_ids=longer, max_new_tokens=8)
+    chat = torch.cat([stock1, torch.tensor([[21, 22, 23]])], dim=1)  # turn 1 + answer + 3
+    stock3 = _stock(llama, input_ids=chat, max_new_tokens=8)
+
+    manager = enable_paged_attention(llama, block_size=BS)
+    rec = _Recorder(llama, manager)
+    assert torch.equal(_paged(llama, input_ids=prompt, max_new_tokens=8), stock1)
+    assert rec.widths[0] == 13  # nothing cached yet
+    hits = manager.stats.prefix_hits
+
+    rec.widths.clear()
+    assert torch.equal(_paged(llama, input_ids=longer, max_new_tokens=8), stock2)
+    assert rec.widths[0] == 18 - 12, "3 full blocks of the first prompt are reused"
+    assert manager.stats.prefix_hits == hits + 12
+
+    # turn 2 of a chat: turn 1 stored 13 + 8 - 1 = 20 tokens = 5 full blocks
+    rec.widths.clear()
+    assert torch.equal(_paged(llama, input_ids=chat, max_new_tokens=8), stock3)
+    assert rec.widths[0] == chat.shape[1] - 20
+    rec.remove()
+    assert manager.num_used_blocks == 0
+
+
+def test_prefix_reuse_padded_batch_and_expansion(llama, helpers):
+    base, _ = helpers.padded_batch([10, 7], seed=11)
+    rows = [base[0].tolist(), base[1, 3:].tolist()]
+    ext = [rows[0] + [31, 32], rows[1] + [33, 34, 35, 36, 37, 38]]  # 12 and 13 tokens
+    width = max(map(len, ext))
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(ext):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    for extra in ({}, {"do_sample": True, "num_return_sequences": 2, "seed": 5}):
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, **extra)
+        stock = _stock(llama, **kwargs)
+        manager = enable_paged_attention(llama, block_size=BS)
+        for row in rows:  # cache each prompt alone first (2 new tokens)
+            _paged(llama, input_ids=torch.tensor([row]), max_new_tokens=2)
+        rec = _Recorder(llama, manager)
+        paged = _paged(llama, **kwargs)
+        rec.remove()
+        disable_paged_attention(llama)
+        assert torch.equal(stock, paged)
+        # row 0: 1 pad + 2 cached blocks (8 tokens); row 1: 0 pads + 1 cached block (its
+        # second block held the first call's answer token) -> transformers starts at column 4
+        assert rec.widths[0] == width - 4
+
+
+def test_out_of_blocks_frees_the_call(llama, helpers):
+    ids, mask = helpers.padded_batch([10, 8], seed=12)
+    manager = enable_paged_attention(llama, block_size=BS, num_blocks=8)
+    with pytest.raises(OutOfBlocksError, match="num_blocks") as info:
+        _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=20)
+    assert info.value.total == 8
+    assert manager.num_used_blocks == 0 and not list(manager), "the failed call left blocks"
+    manager.check_invariants()
+    disable_paged_attention(llama)
+    stock = _stock(llama, input_ids=ids, attention_mask=mask, max_new_tokens=4)
+    enable_paged_attention(llama, block_size=BS, num_blocks=8)
+    assert torch.equal(_paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=4), stock)
+
+
+def test_disable_restores_stock(llama, helpers):
+    ids, mask = helpers.padded_batch([9, 5], seed=13)
+    before = _stock(llama, input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    impl = llama.config._attn_implementation
+    enable_paged_attention(llama, block_size=BS)
+    assert llama.config._attn_implementation == ATTN_NAME
+    assert "generate" in llama.__dict__
+    disable_paged_attention(llama)
+    assert llama.config._attn_implementation == impl
+    assert "generate" not in llama.__dict__
+    assert not llama._forward_pre_hooks and not llama._forward_hooks
+    after = _stock(llama, input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(before, after)
+    with pytest.raises(ValueError, match="not enabled"):
+        disable_paged_attention(llama)
+
+
+def test_explicit_paged_cache_and_continuation(llama, helpers):
+    key = helpers.cache_kwarg(llama)
+    ids, mask = helpers.padded_batch([8, 6], seed=14)
+    stock_cache = DynamicCache(config=llama.config)
+    stock1 = _stock(
+        llama, input_ids=ids, attention_mask=mask, max_new_tokens=5, **{key: stock_cache}
+    )
+    mask2 = torch.cat([mask, torch.ones(2, 5, dtype=torch.long)], dim=1)
+    stock2 = _stock(
+        llama, input_ids=stock1, attention_mask=mask2, max_new_tokens=5, **{key: stock_cache}
+    )
+
+    manager = enable_paged_attention(llama, block_size=BS)
+    cache = PagedCache(manager)
+    paged1 = _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=5, **{key: cache})
+    assert torch.equal(paged1, stock1)
+    assert manager.num_used_blocks > 0, "the caller's cache keeps its blocks"
+    assert cache.get_seq_length() == 8 + 4  # padded width + tokens fed
+    paged2 = _paged(llama, input_ids=paged1, attention_mask=mask2, max_new_tokens=5, **{key: cache})
+    assert torch.equal(paged2, stock2)
+    # pads are not stored: row 1 holds 2 fewer tokens than the padded width
+    assert [manager.seq_len(s) for s in cache.seq_ids] == [8 + 9, 6 + 9]
+    cache.free()
+    assert manager.num_used_blocks == 0
+
+
+def test_forward_without_cache(llama, helpers):
+    ids, mask = helpers.padded_batch([7, 4], seed=15)
+    with torch.no_grad():
+        stock = llama(input_ids=ids, attention_mask=mask).logits
+        manager = enable_paged_attention(llama, block_size=BS)
+        out = llama(input_ids=ids, attention_mask=mask)
+        transient = llama(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], stock[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(transient[real], stock[real], atol=1e-4, rtol=0)
+    cache = out.past_key_values
+    assert isinstance(cache, PagedCache) and manager.num_used_blocks == 2 + 1
+    del out, cache
+    import gc
+
+    gc.collect()
+    assert manager.num_used_blocks == 0, "a dropped PagedCache frees its blocks"
+
+
+def test_stock_cache_rejected(llama, helpers):
+    ids, mask = helpers.padded_batch([5], seed=16)
+    enable_paged_attention(llama, block_size=BS)
+    with pytest.raises(TypeError, match="PagedCache"):
+        _paged(
+            llama,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=2,
+            **{helpers.cache_kwarg(llama): DynamicCache(config=llama.config)},
+        )
+
+
+def test_right_padding_rejected(llama):
+    ids = torch.tensor([[5, 6, 7, 0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    enable_paged_attention(llama, block_size=BS)
+    with pytest.raises(ValueError, match="left padding"):
+        _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_bypass_models_refused(helpers):
+    families = list(helpers.bypass_families)
+    families += [f for f in helpers.families if not helpers.uses_registry(helpers.build_model(f))]
+    for family in families:
+        model = helpers.build_model(family)
+        impl = model.config._attn_implementation
+        with pytest.raises(ValueError, match=type(model).__name__) as info:
+            enable_paged_attention(model, block_size=BS)
+        assert "registry" in str(info.value)
+        assert model.config._attn_implementation == impl and "generate" not in model.__dict__
+
+
+def test_kv_bytes_held(llama, helpers):
+    ids, mask = helpers.padded_batch([9, 3], seed=17)
+    manager = enable_paged_attention(llama, block_size=BS)
+    rec = _Recorder(llama, manager)
+    seen = []
+    hook = llama.register_forward_hook(lambda *a: seen.append(manager.used_bytes))
+    _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    hook.remove()
+    rec.remove()
+    per_block = manager.config.bytes_per_block
+    assert per_block == 2 * 2 * BS * 2 * 16 * 4  # K+V, layers, block, kv heads, head_dim, fp32
+    assert seen == [u * per_block for u in rec.used]
+    # 9 + 3 real tokens, then 2 more per step: pads hold nothing
+    assert rec.used[0] == math.ceil(9 / BS) + math.ceil(3 / BS)
+
+
+def test_triton_kernels_serve_generate(llama, helpers, monkeypatch):
+    if not triton_interpreted():
+        pytest.skip("the Triton kernels were not decorated under TRITON_INTERPRET=1")
+    ids, mask = helpers.padded_batch([6, 3], seed=18)
+    stock = _stock(llama, input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    monkeypatch.setenv("PAGEDKV_BACKEND", "triton")
+    enable_paged_attention(llama, block_size=BS)
+    with trace_backends() as calls:
+        paged = _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    assert torch.equal(stock, paged)
+    assert {b for op, b in calls if op in ("write_kv", "paged_attention")} == {"triton"}
