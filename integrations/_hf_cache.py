@@ -67,6 +67,7 @@ class _Step:
     query_start_loc: torch.Tensor | None  # int32 [batch + 1]; None when q_len == 1 (decode)
     batch: int
     q_len: int
+    counted: bool = False  # whether `_seen` includes this step yet
 
 
 def _free_rows(manager: KVCacheManager, rows: list[Hashable]) -> None:
@@ -202,7 +203,6 @@ class PagedCache(Cache):
             fed = [f for f in fed for _ in range(expand)]
         self._fed[:] = fed
         device = slots.device
-        self._seen += q_len
         self._step = _Step(
             slot_mapping=slots,
             block_tables=mgr.block_tables(rows),
@@ -236,7 +236,19 @@ class PagedCache(Cache):
             )
         return window.sum(1).tolist()
 
+    def _count(self, step: _Step) -> None:
+        """Add the step's columns to the length transformers sees.
+
+        Like `DynamicCache`, whose length grows when layer 0 stores the step: before that
+        (position ids, mask sizes) the model reads the past length, after it the new one.
+        """
+        if not step.counted:
+            step.counted = True
+            self._seen += step.q_len
+
     def end_forward(self) -> None:
+        if self._step is not None:
+            self._count(self._step)
         self._step = None
 
     def _current(self) -> _Step:
@@ -272,6 +284,8 @@ class PagedCache(Cache):
         key = key_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim).to(dtype)
         value = value_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim).to(dtype)
         self.manager.cache.write(layer_idx, key, value, step.slot_mapping)
+        if layer_idx == 0:
+            self._count(step)
         model_kwargs = kwargs.get("kwargs")
         if isinstance(model_kwargs, dict):
             model_kwargs[CACHE_KWARG] = self

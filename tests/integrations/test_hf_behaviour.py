@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -217,23 +218,47 @@ def test_explicit_paged_cache_and_continuation(llama, helpers):
     assert manager.num_used_blocks == 0
 
 
-def test_forward_without_cache(llama, helpers):
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])  # rotary and absolute positions
+def test_forward_without_cache(family, helpers):
+    model = helpers.build_model(family)
     ids, mask = helpers.padded_batch([7, 4], seed=15)
     with torch.no_grad():
-        stock = llama(input_ids=ids, attention_mask=mask).logits
-        manager = enable_paged_attention(llama, block_size=BS)
-        out = llama(input_ids=ids, attention_mask=mask)
-        transient = llama(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        stock = model(input_ids=ids, attention_mask=mask).logits
+        manager = enable_paged_attention(model, block_size=BS)
+        out = model(input_ids=ids, attention_mask=mask)
+        transient = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     real = mask.bool()
     torch.testing.assert_close(out.logits[real], stock[real], atol=1e-4, rtol=0)
     torch.testing.assert_close(transient[real], stock[real], atol=1e-4, rtol=0)
     cache = out.past_key_values
     assert isinstance(cache, PagedCache) and manager.num_used_blocks == 2 + 1
     del out, cache
-    import gc
-
     gc.collect()
     assert manager.num_used_blocks == 0, "a dropped PagedCache frees its blocks"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_manual_decode_loop(family, helpers):
+    """model(...) step by step with an explicit cache and no position ids, as users write it."""
+    model = helpers.build_model(family)
+    key = helpers.cache_kwarg(model)
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(19))
+
+    def loop(cache):
+        logits, step = [], ids
+        with torch.no_grad():
+            for _ in range(5):
+                out = model(input_ids=step, **{key: cache})
+                logits.append(out.logits[:, -1])
+                step = out.logits[:, -1:].argmax(-1)
+        return torch.stack(logits)
+
+    stock = loop(DynamicCache(config=model.config))
+    manager = enable_paged_attention(model, block_size=BS)
+    cache = PagedCache(manager)
+    paged = loop(cache)
+    torch.testing.assert_close(paged, stock, atol=1e-4, rtol=0)
+    assert cache.get_seq_length() == 6 + 4
 
 
 def test_stock_cache_rejected(llama, helpers):
