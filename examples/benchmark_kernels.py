@@ -143,6 +143,9 @@ def check_ops(device: torch.device, backend: str) -> int:
     on_gpu = device.type == "cuda"
     interpreted = backend == "triton" and not on_gpu
     cases = GPU_ATTENTION_CASES if on_gpu else CPU_ATTENTION_CASES
+    # An explicit (empty = default) config skips autotune here: every shape would tune anew.
+    # The timed decode below runs the autotuned config and is checked against SDPA.
+    fixed = kernels.KernelConfig()
     checked = 0
     for seq_lens, q_lens, hq, hkv, d, bs, dtype, kwargs in cases:
         if interpreted and dtype == torch.bfloat16:
@@ -153,7 +156,8 @@ def check_ops(device: torch.device, backend: str) -> int:
         with kernels.trace_backends() as calls:
             out = kernels.paged_attention(
                 p["query"], p["key_cache"], p["value_cache"], p["block_tables"], p["seq_lens"],
-                scale=d**-0.5, query_start_loc=p["query_start_loc"], backend=backend, **kwargs,
+                scale=d**-0.5, query_start_loc=p["query_start_loc"], backend=backend,
+                config=fixed, **kwargs,
             )  # fmt: skip
         if calls != [("paged_attention", backend)]:
             fail(f"{name}: ran {calls}, expected {backend}")
@@ -235,7 +239,8 @@ def run_timings(device: torch.device, backend: str, *, smoke: bool) -> list[dict
     from pagedkv import kernels
 
     bench = timer(device)
-    dtype = torch.bfloat16
+    interpreted = backend == "triton" and device.type != "cuda"
+    dtype = torch.float16 if interpreted else torch.bfloat16  # interpreter: bf16 tl.dot is wrong
     elem = torch.finfo(dtype).bits // 8
     results = []
 
@@ -283,6 +288,11 @@ def run_timings(device: torch.device, backend: str, *, smoke: bool) -> list[dict
             F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
         sdpa_row = record(f"decode SDPA contiguous {batch}x{context}", bench(sdpa), nbytes)
+        expected = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        expected = expected.view_as(out).float()
+        if not torch.allclose(out.float(), expected, atol=TOLERANCES[dtype], rtol=0.0):
+            err = (out.float() - expected).abs().max().item()
+            fail(f"timed decode {batch}x{context}: max abs error {err:.3g} vs SDPA")
         paged_row["sdpa_ms"] = sdpa_row["ms"]
         del p, key, value, k, v
 
