@@ -1,0 +1,131 @@
+"""Compile every kernel for an H100 (sm_90) without a GPU: the Triton frontend, its GPU passes
+and ptxas run on CPU. Catches what the interpreter cannot: constructs the compiler rejects,
+shared-memory overflow of the autotune space, and a decode loop that is not software-pipelined.
+
+Runs in a subprocess because this process decorated the kernels for the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    '''
+    import importlib
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    H100 = GPUTarget("cuda", 90, 32)
+    SHARED_LIMIT = 227 * 1024
+
+
+    def compile_kernel(fn, pointer_types, constexprs, num_warps=4, num_stages=2):
+        """Compile like a launch would: unit strides specialised to 1, pointers and other
+        strides 16-divisible, lengths plain i32."""
+        names = fn.arg_names
+        signature, attrs = {}, {}
+        for i, name in enumerate(names):
+            if name in constexprs:
+                signature[name] = "constexpr"
+            else:
+                signature[name] = pointer_types.get(name, "i32")
+                if name.endswith("_ptr") or name.startswith("stride"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        options = {"num_warps": num_warps, "num_stages": num_stages}
+        kernel = triton.compile(src, target=H100, options=options)
+        assert kernel.metadata.shared <= SHARED_LIMIT, (fn.__name__, constexprs, kernel.metadata.shared)
+        return kernel
+
+
+    attention = importlib.import_module("pagedkv.kernels.attention")
+    write_kv = importlib.import_module("pagedkv.kernels.write_kv")
+    copy_blocks = importlib.import_module("pagedkv.kernels.copy_blocks")
+    gather_kv = importlib.import_module("pagedkv.kernels.gather_kv")
+
+    def attention_types(dtype):
+        types = {n: dtype for n in ("query_ptr", "key_cache_ptr", "value_cache_ptr", "out_ptr")}
+        types.update({"block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+                      "query_start_loc_ptr": "*i32", "partial_out_ptr": "*fp32",
+                      "partial_lse_ptr": "*fp32", "scale": "fp32", "softcap": "fp32"})
+        return types
+
+    UNIT = {"stride_q_d": 1, "stride_kc_d": 1, "stride_vc_d": 1, "stride_o_d": 1, "stride_bt_n": 1}
+    DECODE = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "GROUP": 4, "GROUP_PAD": 4,
+              "BLOCK_M": 16, "BLOCK_Q": 4, "BLOCK_N": 64, "NUM_SPLITS": 1, "IS_DECODE": True,
+              "CAUSAL": True, "USE_WINDOW": False, "USE_SOFTCAP": False, "FP32_DOT": False,
+              "WHILE_LOOP": False, **UNIT}
+    PREFILL = {**DECODE, "IS_DECODE": False, "BLOCK_M": 64, "BLOCK_Q": 16}
+    variants = [
+        ("*bf16", DECODE, 3),
+        ("*bf16", {**DECODE, "NUM_SPLITS": 32}, 3),
+        ("*fp16", {**DECODE, "HEAD_DIM": 80, "GROUP": 3, "BLOCK_Q": 4, "BLOCK_SIZE": 8}, 2),
+        ("*bf16", {**PREFILL, "BLOCK_SIZE": 32}, 2),
+        ("*fp16", {**PREFILL, "USE_WINDOW": True, "USE_SOFTCAP": True, "NUM_SPLITS": 2}, 2),
+        ("*bf16", {**PREFILL, "CAUSAL": False, "GROUP": 8, "GROUP_PAD": 8, "BLOCK_Q": 8}, 2),
+        ("*fp32", {**DECODE, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32,
+                   "FP32_DOT": True}, 2),
+        ("*bf16", {**PREFILL, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32}, 2),
+    ]
+    for dtype, constexprs, stages in variants:
+        kernel = compile_kernel(attention._paged_attention_kernel, attention_types(dtype),
+                                constexprs, num_stages=stages)
+        if constexprs is DECODE:
+            # K/V loads of the decode loop are software-pipelined (async copies)
+            assert "cp.async" in kernel.asm["ptx"], "decode K/V loads are not pipelined"
+
+    # every autotune config that survives the prune, for the benchmark's decode shape
+    pruned = attention._prune(attention._AUTOTUNE_CONFIGS, {}, **DECODE)
+    for config in pruned:
+        compile_kernel(attention._paged_attention_kernel, attention_types("*bf16"),
+                       {**DECODE, **config.kwargs}, config.num_warps, config.num_stages)
+    pruned_256 = attention._prune(attention._AUTOTUNE_CONFIGS, {},
+                                  **{**PREFILL, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256})
+    for config in pruned_256:
+        compile_kernel(attention._paged_attention_kernel, attention_types("*bf16"),
+                       {**PREFILL, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, **config.kwargs},
+                       config.num_warps, config.num_stages)
+
+    compile_kernel(attention._merge_splits_kernel,
+                   {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": "*bf16"},
+                   {"HEAD_DIM": 80, "HEAD_DIM_PAD": 128, "NUM_SPLITS": 5, "SPLITS_PAD": 8})
+    kv = {"key_ptr": "*bf16", "value_ptr": "*bf16", "key_cache_ptr": "*bf16",
+          "value_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"}
+    for config in write_kv._AUTOTUNE_CONFIGS:
+        compile_kernel(write_kv._write_kv_kernel, kv,
+                       {"BLOCK_SIZE": 16, "HEAD_DIM": 96, "HEAD_DIM_PAD": 128, **config.kwargs},
+                       config.num_warps, config.num_stages)
+    for table in (False, True):
+        compile_kernel(copy_blocks._copy_blocks_kernel,
+                       {"key_cache_ptr": "*fp16", "value_cache_ptr": "*fp16",
+                        "key_layer_ptrs_ptr": "*i64", "value_layer_ptrs_ptr": "*i64",
+                        "block_mapping_ptr": "*i64"},
+                       {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "HEADS_PAD": 8,
+                        "USE_PTR_TABLE": table})
+    compile_kernel(gather_kv._gather_kv_kernel,
+                   {"key_cache_ptr": "*bf16", "value_cache_ptr": "*bf16",
+                    "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+                    "seq_starts_ptr": "*i64", "key_out_ptr": "*bf16", "value_out_ptr": "*bf16"},
+                   {"BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "HEADS_PAD": 8})
+    print("compiled", len(variants) + len(pruned) + len(pruned_256), "attention variants")
+    '''
+)
+
+
+def test_kernels_compile_for_h100():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    if "ptxas" in result.stderr and "not found" in result.stderr:
+        pytest.skip("ptxas not available")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compiled" in result.stdout
