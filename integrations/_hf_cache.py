@@ -5,7 +5,8 @@ columns it has fed, left padding included); the manager holds each row's real to
 pads are never stored (slot -1). Per forward pass, `begin_forward` (called by the model's forward
 pre-hook with the attention mask) reserves the slots of every row once; then each layer's
 `update` writes its new K/V with one `write_kv` and `attend` runs `paged_attention` on the
-blocks. Nothing is gathered and no tensor grows.
+blocks. Nothing is gathered and no tensor grows. (Models whose attention bypasses transformers'
+registry get contiguous K/V from `update` instead, through `gather_kv`: see `begin_forward`.)
 
 Queries are packed `[batch * q_len, heads, head_dim]` with `q_len` queries per row, so a row's
 left pads are queries before its first real token: when nothing precedes them they see no key
@@ -17,7 +18,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -67,7 +68,11 @@ class _Step:
     query_start_loc: torch.Tensor | None  # int32 [batch + 1]; None when q_len == 1 (decode)
     batch: int
     q_len: int
+    gather: bool = False  # return contiguous K/V from update (models outside the registry)
     counted: bool = False  # whether `_seen` includes this step yet
+    written: set[int] = field(default_factory=set)  # layers that stored K/V this step
+    attended: set[int] = field(default_factory=set)  # layers that ran paged attention
+    gather_index: torch.Tensor | None = None  # padded [batch * width] position of each token
 
 
 def _free_rows(manager: KVCacheManager, rows: list[Hashable]) -> None:
@@ -97,6 +102,7 @@ class PagedCache(Cache):
         self._fed: list[int] = []  # real tokens of each row that transformers has fed so far
         self._seen = 0  # columns fed (transformers' view of the length; pads included)
         self._step: _Step | None = None
+        self.last_step: _Step | None = None  # the latest finished forward's step (inspection)
         self._finalizer = weakref.finalize(self, _free_rows, manager, self._rows)
 
     # ---- sequences ------------------------------------------------------------------------
@@ -142,8 +148,19 @@ class PagedCache(Cache):
         self._step = None
 
     # ---- one forward pass -----------------------------------------------------------------
-    def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, q_len: int) -> None:
-        """Reserve this forward's slots (all layers) and build its block tables and lengths."""
+    def begin_forward(
+        self,
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        q_len: int,
+        *,
+        gather: bool = False,
+    ) -> None:
+        """Reserve this forward's slots (all layers) and build its block tables and lengths.
+
+        With `gather`, `update` returns each layer's K/V as contiguous left-padded tensors for
+        a model whose own attention code reads them (falcon, bloom, mpt: outside the registry).
+        """
         if self._step is not None:
             raise RuntimeError("PagedCache: a forward pass is already in flight on this cache")
         mgr = self.manager
@@ -212,6 +229,7 @@ class PagedCache(Cache):
             else torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device),
             batch=batch,
             q_len=q_len,
+            gather=gather,
         )
 
     def _real_tokens(
@@ -249,7 +267,7 @@ class PagedCache(Cache):
     def end_forward(self) -> None:
         if self._step is not None:
             self._count(self._step)
-        self._step = None
+        self.last_step, self._step = self._step, None
 
     def _current(self) -> _Step:
         if self._step is None:
@@ -284,12 +302,41 @@ class PagedCache(Cache):
         key = key_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim).to(dtype)
         value = value_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim).to(dtype)
         self.manager.cache.write(layer_idx, key, value, step.slot_mapping)
+        step.written.add(layer_idx)
         if layer_idx == 0:
             self._count(step)
+        if step.gather:
+            return self._gathered(layer_idx, step, key_states.dtype)
         model_kwargs = kwargs.get("kwargs")
         if isinstance(model_kwargs, dict):
             model_kwargs[CACHE_KWARG] = self
         return key_states, value_states
+
+    def _gathered(
+        self, layer_idx: int, step: _Step, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer K/V as `[batch, kv_heads, width, head_dim]`, each row's tokens right-aligned.
+
+        `width` is the length transformers sees (pads included), so the model's own padding
+        mask lines up: its pad columns are zeros here, its real columns are the row's tokens.
+        """
+        width = self._seen
+        if step.gather_index is None:
+            lens = [self.manager.seq_len(s) for s in self._rows]
+            if max(lens, default=0) > width:
+                raise RuntimeError(f"PagedCache rows hold {lens} tokens, more than width {width}")
+            index = [b * width + p for b, n in enumerate(lens) for p in range(width - n, width)]
+            step.gather_index = torch.tensor(index, dtype=torch.int64, device=step.seq_lens.device)
+        key, value = self.manager.cache.gather(layer_idx, step.block_tables, step.seq_lens)
+        cfg = self.manager.config
+        shape = (step.batch * width, cfg.num_kv_heads, cfg.head_dim)
+        padded = []
+        for packed in (key, value):
+            out = packed.new_zeros(shape)
+            out[step.gather_index] = packed
+            out = out.view(step.batch, width, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            padded.append(out.to(dtype))
+        return padded[0], padded[1]
 
     def attend(
         self,
@@ -302,6 +349,7 @@ class PagedCache(Cache):
     ) -> torch.Tensor:
         """`paged_attention` of packed queries `[batch * q_len, heads, head_dim]` on the blocks."""
         step = self._current()
+        step.attended.add(layer_idx)
         out = self.manager.cache.attend(
             layer_idx,
             query.to(self.manager.config.torch_dtype),

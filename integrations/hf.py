@@ -7,7 +7,9 @@
 `enable_paged_attention` touches this model instance only (no class is patched):
 
 1. registers pagedkv's attention and mask functions under one name and switches the model's
-   attention implementation (and its sub-configs') to it;
+   attention implementation (and its sub-configs') to it. Models whose attention bypasses
+   transformers' registry (falcon, bloom, mpt) keep their own attention, which reads K/V that
+   `PagedCache.update` gathers from the blocks (`gather_kv`);
 2. adds a forward pre-hook / hook pair: the pre-hook finds the `PagedCache` among the forward's
    arguments (or makes a transient one), reserves this step's slots from the attention mask,
    and opens the forward context the attention reads when a model does not pass `kwargs` to
@@ -17,7 +19,9 @@
    and whose full blocks (prompt + answer) are registered for reuse when the call ends. Its
    blocks are freed when the call ends, whether it returns or raises.
 
-`disable_paged_attention` removes all three.
+A one-token probe forward at enable time checks that every layer stores its K/V in the paged
+cache (and attends through pagedkv), so an unsupported model fails there, naming itself and the
+reason, instead of generating wrong tokens. `disable_paged_attention` removes all three.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class _PagedState:
     generate_in_dict: bool  # whether the instance had its own `generate` attribute
     saved_generate: Any
     hooks: list = field(default_factory=list)
+    gather: bool = False  # the model's own attention reads gathered K/V (outside the registry)
     in_flight: list = field(default_factory=list)  # (cache, context token, transient) per forward
 
 
@@ -69,7 +74,7 @@ def enable_paged_attention(
         )
     if getattr(model, _STATE_ATTR, None) is not None:
         raise ValueError(f"paged attention is already enabled on this {type(model).__name__}")
-    _check_supported(model)
+    gather = not _uses_registry(model)
     if config is None:
         defaults = {"dtype": model.dtype, "device": model.device}
         config = KVCacheConfig.from_model_config(model.config, **{**defaults, **overrides})
@@ -77,18 +82,19 @@ def enable_paged_attention(
         config = config.replace(**overrides)
     manager = KVCacheManager(config)
 
-    register()
     configs = _configs_of(model)
     saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
-    model.set_attn_implementation(ATTN_NAME)
-    missed = [type(c).__name__ for c in configs if c._attn_implementation != ATTN_NAME]
-    if missed:
-        _restore_impls(saved)
-        raise ValueError(
-            f"{type(model).__name__}: transformers did not switch {missed} to attention "
-            f"implementation {ATTN_NAME!r}, so part of the model would run stock attention on an "
-            "empty cache"
-        )
+    if not gather:
+        register()
+        model.set_attn_implementation(ATTN_NAME)
+        missed = [type(c).__name__ for c in configs if c._attn_implementation != ATTN_NAME]
+        if missed:
+            _restore_impls(saved)
+            raise ValueError(
+                f"{type(model).__name__}: transformers did not switch {missed} to attention "
+                f"implementation {ATTN_NAME!r}, so part of the model would run stock attention "
+                "on an empty cache"
+            )
 
     state = _PagedState(
         manager=manager,
@@ -96,6 +102,7 @@ def enable_paged_attention(
         saved_impls=saved,
         generate_in_dict="generate" in model.__dict__,
         saved_generate=model.__dict__.get("generate"),
+        gather=gather,
     )
     state.hooks.append(
         model.register_forward_pre_hook(functools.partial(_pre_forward, state), with_kwargs=True)
@@ -107,6 +114,11 @@ def enable_paged_attention(
         functools.partial(_paged_generate, state, model.generate)
     )
     setattr(model, _STATE_ATTR, state)
+    try:
+        _probe(model, state)
+    except BaseException:
+        disable_paged_attention(model)
+        raise
     return manager
 
 
@@ -131,18 +143,55 @@ def get_manager(model: PreTrainedModel) -> KVCacheManager | None:
 
 
 # ---- checks ---------------------------------------------------------------------------------
-def _check_supported(model: PreTrainedModel) -> None:
-    name = type(model).__name__
+def _uses_registry(model: PreTrainedModel) -> bool:
+    """Whether every sub-model's attention goes through transformers' AttentionInterface.
+
+    transformers' own test (`_can_set_attn_implementation`: the modeling file calls
+    `ALL_ATTENTION_FUNCTIONS.get_interface`). falcon, bloom, mpt (and gptj before 5.24) do not:
+    their attention code reads K/V from `cache.update`, which then gathers them.
+    """
     if model.config.is_encoder_decoder:
-        raise ValueError(f"{name} is an encoder-decoder model; pagedkv serves decoder-only models")
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel) and not module._can_set_attn_implementation():
-            raise ValueError(
-                f"{name} ({module.config.model_type}): its attention does not go through "
-                "transformers' AttentionInterface registry in this transformers version, so a "
-                "paged attention function would never be called and generate would silently "
-                "run stock attention on an empty paged cache. pagedkv does not support it."
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model; pagedkv serves decoder-only models"
+        )
+    return all(
+        m._can_set_attn_implementation() for m in model.modules() if isinstance(m, PreTrainedModel)
+    )
+
+
+def _probe(model: PreTrainedModel, state: _PagedState) -> None:
+    """One-token forward: every layer must store its K/V here and (registry models) attend here.
+
+    A model that keeps K/V elsewhere, shares them across layers or calls its own attention
+    would otherwise generate silently wrong tokens.
+    """
+    cache = PagedCache(state.manager)
+    token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+    try:
+        with torch.no_grad():
+            model(input_ids=token, use_cache=True, **{state.cache_kwarg: cache})
+        step = cache.last_step
+    finally:
+        cache.free()
+    layers = set(range(state.manager.config.num_layers))
+    problems = []
+    if step is None:
+        problems.append("its forward did not run the pagedkv hooks")
+    else:
+        if step.written != layers:
+            problems.append(
+                f"layers {sorted(layers - step.written)} did not store K/V in the cache"
             )
+        if not state.gather and step.attended != layers:
+            problems.append(
+                f"layers {sorted(layers - step.attended)} did not call pagedkv attention"
+            )
+    if problems:
+        raise ValueError(
+            f"{type(model).__name__} ({model.config.model_type}) cannot run on pagedkv: "
+            + "; ".join(problems)
+            + ". Generating with it would be silently wrong."
+        )
 
 
 def _configs_of(model: PreTrainedModel) -> list[PretrainedConfig]:
@@ -174,9 +223,15 @@ def _pre_forward(state: _PagedState, module, args, kwargs):
     cache = kwargs[key] if key else None
     transient = False
     if cache is None:
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        if state.gather and not use_cache:
+            state.in_flight.append(None)  # the model's own attention needs no cache
+            return args, kwargs
         cache = PagedCache(state.manager)
         kwargs[state.cache_kwarg] = cache
-        transient = kwargs.get("use_cache") is False  # nobody gets this cache back
+        transient = not use_cache  # freed after this forward, and kept out of its output
     elif not isinstance(cache, PagedCache):
         raise TypeError(
             f"{type(module).__name__} runs pagedkv attention, which reads a PagedCache; got a "
@@ -190,7 +245,9 @@ def _pre_forward(state: _PagedState, module, args, kwargs):
         inputs = args[0]
     if inputs is None:
         raise ValueError("pagedkv needs input_ids or inputs_embeds to size the step")
-    cache.begin_forward(kwargs.get("attention_mask"), inputs.shape[0], inputs.shape[1])
+    cache.begin_forward(
+        kwargs.get("attention_mask"), inputs.shape[0], inputs.shape[1], gather=state.gather
+    )
     state.in_flight.append((cache, set_forward_cache(cache), transient))
     return args, kwargs
 
@@ -198,11 +255,17 @@ def _pre_forward(state: _PagedState, module, args, kwargs):
 def _post_forward(state: _PagedState, module, args, output):
     if not state.in_flight:
         return None  # the pre-hook raised before opening the step
-    cache, token, transient = state.in_flight.pop()
+    entry = state.in_flight.pop()
+    if entry is None:
+        return None
+    cache, token, transient = entry
     cache.end_forward()
     reset_forward_cache(token)
     if transient:
         cache.free()
+        for key in _CACHE_KEYS:  # generate would feed it back otherwise
+            if isinstance(output, dict) and output.get(key) is cache:
+                output[key] = None
     return None
 
 

@@ -282,16 +282,50 @@ def test_right_padding_rejected(llama):
         _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=2)
 
 
-def test_bypass_models_refused(helpers):
-    families = list(helpers.bypass_families)
+def test_models_outside_the_registry_use_gather(helpers):
+    families = list(helpers.gather_families)
     families += [f for f in helpers.families if not helpers.uses_registry(helpers.build_model(f))]
-    for family in families:
+    for family in dict.fromkeys(families):
         model = helpers.build_model(family)
         impl = model.config._attn_implementation
-        with pytest.raises(ValueError, match=type(model).__name__) as info:
-            enable_paged_attention(model, block_size=BS)
-        assert "registry" in str(info.value)
-        assert model.config._attn_implementation == impl and "generate" not in model.__dict__
+        ids, mask = helpers.padded_batch([7, 4], seed=20)
+        stock = _stock(model, input_ids=ids, attention_mask=mask, max_new_tokens=5)
+        enable_paged_attention(model, block_size=BS)
+        assert model.config._attn_implementation == impl, "its own attention stays"
+        with trace_backends() as calls:
+            paged = _paged(model, input_ids=ids, attention_mask=mask, max_new_tokens=5)
+        disable_paged_attention(model)
+        assert torch.equal(stock, paged), family
+        ops = {op for op, _ in calls}
+        assert {"write_kv", "gather_kv"} <= ops and "paged_attention" not in ops, (family, ops)
+
+
+def test_probe_refuses_a_model_the_cache_does_not_fit(llama):
+    from pagedkv.kvcache import KVCacheConfig
+
+    config = KVCacheConfig(num_layers=3, num_kv_heads=2, head_dim=16, block_size=BS, num_blocks=64)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM.*layers \[2\] did not store K/V"):
+        enable_paged_attention(llama, config)
+    assert llama.config._attn_implementation == "eager" and "generate" not in llama.__dict__
+    assert not llama._forward_pre_hooks
+
+
+def test_encoder_decoder_refused():
+    import transformers as tf
+
+    config = tf.BartConfig(
+        vocab_size=96,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+    )
+    model = tf.BartForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="BartForConditionalGeneration is an encoder-decoder"):
+        enable_paged_attention(model)
 
 
 def test_kv_bytes_held(llama, helpers):
