@@ -290,6 +290,9 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
     ):
         input_ids = None  # no token ids to look up: no prefix reuse
 
+    # An assistant model's generate is called again and again with the cache it returned, so
+    # that cache outlives the call (it is freed when dropped); any other call frees its own.
+    keep = bool(getattr(gen_config, "is_assistant", False))
     cache = PagedCache(state.manager)
     for key in _CACHE_KEYS:
         kwargs.pop(key, None)
@@ -307,8 +310,8 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
         out = generate(*args, **kwargs)
         if input_ids is not None:
             _register_blocks(cache, out, prompts, input_ids.shape[1], gen_config, kwargs)
-        return out
     except OutOfBlocksError as err:
+        cache.free()
         cfg = state.manager.config
         raise OutOfBlocksError(
             err.needed,
@@ -321,8 +324,12 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
                 "num_return_sequences or max_new_tokens. The call's blocks were freed."
             ),
         ) from err
-    finally:
+    except BaseException:
         cache.free()
+        raise
+    if not keep:
+        cache.free()
+    return out
 
 
 def _infer_attention_mask(input_ids: torch.Tensor, gen_config, kwargs) -> torch.Tensor:

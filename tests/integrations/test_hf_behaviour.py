@@ -355,3 +355,21 @@ def test_triton_kernels_serve_generate(llama, helpers, monkeypatch):
         paged = _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=3)
     assert torch.equal(stock, paged)
     assert {b for op, b in calls if op in ("write_kv", "paged_attention")} == {"triton"}
+
+
+def test_assisted_decoding_with_paged_assistant(llama, helpers):
+    assistant = helpers.build_model("llama", seed=1)
+    ids, mask = helpers.padded_batch([11], seed=21)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, assistant_model=assistant)
+    stock = _stock(llama, **kwargs)
+    enable_paged_attention(llama, block_size=BS)
+    assistant_manager = enable_paged_attention(assistant, block_size=BS)
+    rec = _Recorder(assistant, assistant_manager)
+    paged = _paged(llama, **kwargs)
+    rec.remove()
+    assert torch.equal(stock, paged)
+    # the assistant keeps its cache between its generate calls: after its first call it only
+    # computes the tokens it has not seen (never the whole prompt again)
+    assert rec.widths[0] == 11 and max(rec.widths[1:]) < 11, rec.widths
+    gc.collect()
+    assert assistant_manager.num_used_blocks == 0
