@@ -115,14 +115,14 @@ class PagedCache(Cache):
         return ("pagedkv.hf", next(self._next_id))
 
     def allocate_prompts(
-        self, prompts: Sequence[Sequence[int]], num_pads: Sequence[int]
+        self, prompts: Sequence[Sequence[int]], num_pads: Sequence[int], *, reuse: bool = True
     ) -> list[int]:
         """Start one sequence per row, reusing cached prefixes; returns each row's cached count.
 
         `prompts` are the rows' real tokens, `num_pads` their left padding. Afterwards
         `get_seq_length()` is the number of leading columns every row has cached (pads count as
         cached), so `generate` computes only the columns after it; columns that some rows hold
-        already are then skipped for them (slot -1).
+        already are then skipped for them (slot -1). `reuse=False` skips the lookup.
         """
         if self._rows:
             raise ValueError("allocate_prompts needs an empty PagedCache")
@@ -130,7 +130,8 @@ class PagedCache(Cache):
         try:
             for tokens in prompts:
                 seq_id = self._new_id()
-                cached.append(self.manager.allocate(seq_id, list(tokens), extra_key=self.extra_key))
+                ids = list(tokens) if reuse else None
+                cached.append(self.manager.allocate(seq_id, ids, extra_key=self.extra_key))
                 self._rows.append(seq_id)
         except BaseException:
             self.free()

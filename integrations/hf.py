@@ -306,7 +306,9 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
             host_ids, host_mask = input_ids.cpu(), mask.cpu().bool()
             prompts = [row[m].tolist() for row, m in zip(host_ids, host_mask, strict=True)]
             pads = (~host_mask).sum(1).tolist()
-            cache.allocate_prompts(prompts, pads)
+            # chunked prefill restarts from column 0 on some transformers versions (5.17)
+            chunked = kwargs.get("prefill_chunk_size", gen_config.prefill_chunk_size)
+            cache.allocate_prompts(prompts, pads, reuse=chunked is None)
         out = generate(*args, **kwargs)
         if input_ids is not None:
             _register_blocks(cache, out, prompts, input_ids.shape[1], gen_config, kwargs)

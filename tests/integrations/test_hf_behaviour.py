@@ -373,3 +373,15 @@ def test_assisted_decoding_with_paged_assistant(llama, helpers):
     assert rec.widths[0] == 11 and max(rec.widths[1:]) < 11, rec.widths
     gc.collect()
     assert assistant_manager.num_used_blocks == 0
+
+
+def test_chunked_prefill(llama, helpers):
+    ids, mask = helpers.padded_batch([13, 6], seed=22)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, prefill_chunk_size=4)
+    stock = _stock(llama, **kwargs)
+    manager = enable_paged_attention(llama, block_size=BS)
+    _paged(llama, input_ids=ids[:1, 2:], max_new_tokens=2)  # a cached prefix: not reused here
+    rec = _Recorder(llama, manager)
+    assert torch.equal(_paged(llama, **kwargs), stock)
+    rec.remove()
+    assert rec.widths[:4] == [4, 4, 4, 1], rec.widths
