@@ -69,14 +69,19 @@ def gather_kv(
 def _gather_padded(
     cache: torch.Tensor, block_tables: torch.Tensor, max_len: int, key_valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """``[B, max_len, Hkv, D]`` copy of each sequence's keys (or values); slots past a
+    """``[B, Hkv, max_len, D]`` copy of each sequence's keys (or values), gathered in one pass
+    straight into the layout SDPA reads fastest on CPU: each (sequence, head)'s rows contiguous
+    (strided rows cost SDPA more than the copy). With `key_valid` ``[B, max_len]``, slots past a
     sequence's length are zeroed so stale data (even NaN) in unused slots cannot leak."""
-    block_size = cache.shape[1]
+    num_seqs = block_tables.shape[0]
+    _, block_size, num_kv_heads, head_dim = cache.shape
     num_blocks = -(-max_len // block_size)
-    padded = cache[block_tables[:, :num_blocks].long()]  # [B, nb, bs, Hkv, D]
-    padded = padded.flatten(1, 2)[:, :max_len]
+    ids = block_tables[:, :num_blocks].reshape(-1).long()
+    by_head = cache.permute(2, 0, 1, 3).index_select(1, ids)  # [Hkv, B * nb, bs, D]
+    padded = by_head.view(num_kv_heads, num_seqs, num_blocks * block_size, head_dim)
+    padded = padded[:, :, :max_len].transpose(0, 1)  # [B, Hkv, L, D]
     if key_valid is not None:
-        padded.masked_fill_(~key_valid[:, :, None, None], 0)
+        padded.masked_fill_(~key_valid[:, None, :, None], 0)
     return padded
 
 
@@ -101,89 +106,92 @@ def paged_attention(
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
-    num_kv_heads = key_cache.shape[2]
     device = query.device
-    if out is None:
-        out = torch.empty_like(query)
-    if num_tokens == 0 or num_seqs == 0:
-        return out.zero_()
+    lengths = seq_lens.tolist()  # one sync; decode steps are latency-bound on CPU
+    max_len = max(lengths, default=0)
+    if num_tokens == 0 or max_len == 0:
+        return torch.zeros_like(query) if out is None else out.zero_()
 
-    seq_lens = seq_lens.long()
-    if query_start_loc is None:
-        q_lens = torch.ones_like(seq_lens)
-        max_q = 1
-        q = query[:, None]  # [B, 1, Hq, D]
-        q_row_valid = None
+    # Keys: [B, Hkv, L, D], zeroed past each sequence's end when lengths differ.
+    k_pos = torch.arange(max_len, device=device)
+    ragged = min(lengths) < max_len
+    key_valid = k_pos < seq_lens[:, None] if ragged else None  # [B, L]
+    keys = _gather_padded(key_cache, block_tables, max_len, key_valid)
+    values = _gather_padded(value_cache, block_tables, max_len, key_valid)
+
+    # Queries: [B, Hq, M, D]; mask: None (all visible) or bool, broadcastable to [B, M, L].
+    mask = None if key_valid is None else key_valid[:, None, :]
+    if query_start_loc is None:  # decode: query i sits at seq_len_i - 1, causality is implied
+        q = query[:, :, None]
+        row_valid = None
+        q_pos = (seq_lens.long() - 1)[:, None]  # [B, 1]
     else:
         starts = query_start_loc.long()
         q_lens = starts[1:] - starts[:-1]
         max_q = int(q_lens.max())
-        q_row_valid = torch.arange(max_q, device=device) < q_lens[:, None]  # [B, max_q]
+        rows = torch.arange(max_q, device=device)
+        row_valid = rows < q_lens[:, None]  # [B, M]
         if num_seqs == 1:
-            q = query[None]
-            q_row_valid = None
+            padded_q = query[None]
         else:
-            q = query.new_zeros(num_seqs, max_q, num_q_heads, head_dim)
-            q[q_row_valid] = query
-
-    max_len = max(int(seq_lens.max()), 1)
-    k_pos = torch.arange(max_len, device=device)
-    key_valid = k_pos < seq_lens[:, None]  # [B, L]
-    all_full = bool(key_valid.all())
-    keys = _gather_padded(key_cache, block_tables, max_len, None if all_full else key_valid)
-    values = _gather_padded(value_cache, block_tables, max_len, None if all_full else key_valid)
-
-    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=device)  # [B, max_q]
-    mask = key_valid[:, None, :].expand(num_seqs, max_q, max_len)  # [B, max_q, L]
-    if q_row_valid is not None:
-        mask = mask & q_row_valid[:, :, None]
-    if causal:
-        mask = mask & (k_pos <= q_pos[:, :, None])
+            padded_q = query.new_zeros(num_seqs, max_q, num_q_heads, head_dim)
+            padded_q[row_valid] = query
+        q = padded_q.transpose(1, 2)
+        q_pos = (seq_lens.long() - q_lens)[:, None] + rows  # [B, M]
+        if causal:
+            visible = k_pos <= q_pos[:, :, None]
+            mask = visible if mask is None else mask & visible
     if sliding_window is not None:
-        mask = mask & (q_pos[:, :, None] - k_pos < sliding_window)
-    sees_any = mask.any(-1)  # [B, max_q]
+        in_window = q_pos[:, :, None] - k_pos < sliding_window
+        mask = in_window if mask is None else mask & in_window
 
-    q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-    if softcap is None:
-        attn_mask = None if bool(mask.all()) else mask[:, None]
-        if num_q_heads == num_kv_heads or _SDPA_HAS_GQA:
-            gqa = {"enable_gqa": True} if num_q_heads != num_kv_heads else {}
-            o = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=attn_mask, scale=scale, **gqa
-            )
-        else:
+    if softcap is not None:
+        o = _softcap_attention(q, keys, values, mask, scale=scale, softcap=softcap)
+    else:
+        attn_mask = None if mask is None else mask[:, None]
+        num_kv_heads = keys.shape[1]
+        if num_q_heads != num_kv_heads and not _SDPA_HAS_GQA:
             group = num_q_heads // num_kv_heads
             keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=scale)
-    else:
-        o = _softcap_attention(q, keys, values, mask, scale=scale, softcap=softcap)
-    o = o.transpose(1, 2)  # [B, max_q, Hq, D]
-    o = torch.where(sees_any[:, :, None, None], o, 0).to(out.dtype)
-    if q_row_valid is None:
-        out.copy_(o.reshape(num_tokens, num_q_heads, head_dim))
-    else:
-        out.copy_(o[q_row_valid])
-    return out
+        gqa = {"enable_gqa": True} if num_q_heads != keys.shape[1] else {}
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=scale, **gqa)
+    o = o.transpose(1, 2)  # [B, M, Hq, D]
+
+    # Rows that see no key (q_len > seq_len left padding, empty sequences) are exactly 0.
+    if mask is not None:
+        sees_any = mask.expand(num_seqs, o.shape[1], max_len).any(-1)  # [B, M]
+        if not bool(sees_any.all()):
+            o = torch.where(sees_any[:, :, None, None], o, 0)
+    o = (
+        o.reshape(num_tokens, num_q_heads, head_dim)
+        if row_valid is None or num_seqs == 1
+        else o[row_valid]
+    )
+    if out is None:
+        return o
+    return out.copy_(o)
 
 
 def _softcap_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     *,
     scale: float,
     softcap: float,
 ) -> torch.Tensor:
     """fp32 attention with Gemma-2 logit softcapping. q ``[B, Hq, M, D]``, k/v ``[B, Hkv, L, D]``,
-    mask ``[B, M, L]``; returns ``[B, Hq, M, D]`` (rows with no visible key are NaN/garbage)."""
+    mask None or broadcastable to ``[B, M, L]``; returns ``[B, Hq, M, D]`` (rows with no
+    visible key are NaN)."""
     batch, num_q_heads, rows, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
     qg = q.float().reshape(batch, num_kv_heads, group, rows, head_dim)
     scores = qg @ k.float()[:, :, None].transpose(-1, -2) * scale  # [B, Hkv, G, M, L]
     scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     o = probs @ v.float()[:, :, None]  # [B, Hkv, G, M, D]
-    return o.reshape(batch, num_q_heads, rows, head_dim)
+    return o.reshape(batch, num_q_heads, rows, head_dim).to(q.dtype)
