@@ -1,27 +1,53 @@
-"""Benchmarks of pagedkv against what users run today.
+"""Benchmarks of pagedkv against what users run today (stock transformers: DynamicCache + sdpa).
 
-    python examples/benchmark.py                 # every section
-    python examples/benchmark.py --only manager  # one section
+    python examples/benchmark.py                                # every section
+    python examples/benchmark.py --only decode --only beams     # some sections
+    python examples/benchmark.py --json out.json --png out.png  # also write results and a chart
+    python examples/benchmark.py --quick                        # tiny sizes (the CI test)
 
-Sections:
+Sections (each on the same model, stock and paged in the same run):
+  decode    batched greedy decode, left-padded prompts of mixed lengths 16..512, 64 new tokens:
+            time ratio (goal <= 1.10x stock) and KV memory ratio (goal <= 0.6x)
+  beams     4-beam search on a 1k-token prompt, 64 new tokens: time ratio (goal <= 1.0x) and
+            KV memory ratio (goal <= 0.5x)
+  prefix    a second call whose prompt shares a 1k-token prefix with the first call's: its time
+            vs stock on the same prompt (goal <= 0.1x). The second call asks for
+            `--prefix-new-tokens` tokens (default 1: the time to the first token, the part
+            prefix reuse saves; the decode steps after it cost the same on both sides)
   manager   the manager's per-step overhead: one decode step for N sequences = append one
             token to each + build the block tables and seq lens (goal: <= 200 us at 256 seqs).
 
-Times are medians over repeats, measured in this run; ratios compare numbers from the same run.
+The model is a random Llama built from a config (no download; `--hidden`, `--layers`, `--heads`,
+`--kv-heads` size it), or `--model NAME_OR_PATH`. Memory: paged = the manager's blocks in use x
+bytes per block at the peak of the call (a forward hook reads the manager after every step);
+stock = the K/V tensor bytes of the DynamicCache generate returns (the batch padded to its
+longest prompt + new tokens; num_beams x batch rows for beams). Paged kernels: Triton on CUDA,
+the torch reference on CPU. Times are medians over repeats, stock and paged interleaved, measured
+in this run; ratios compare numbers from the same run. Every section also checks that paged
+tokens equal stock tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
+import os
 import platform
+import pstats
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from pagedkv.kvcache import KVCacheConfig, KVCacheManager
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PAD, BOS, EOS = 0, 1, 2
 
 
 def median_time(fn: Callable[[], object], repeats: int, inner: int = 1) -> float:
@@ -68,10 +94,365 @@ def bench_manager(num_seqs: int = 256, context: int = 512, repeats: int = 21) ->
     }
 
 
-SECTIONS = {"manager": bench_manager}
+# ---- stock vs paged generate ------------------------------------------------------------------
+@dataclass
+class Bench:
+    """The model and the settings every generate section shares."""
+
+    model: torch.nn.Module
+    description: str
+    device: torch.device
+    block_size: int
+    repeats: int
+    profile: set[str]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_model(args) -> tuple[torch.nn.Module, str]:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dtype = DTYPES[args.dtype]
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=dtype, attn_implementation="sdpa"
+        )
+        desc = args.model
+    else:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=2 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            max_position_embeddings=4096,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+        )
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        n = sum(p.numel() for p in model.parameters())
+        desc = (
+            f"random Llama (hidden {args.hidden}, {args.layers} layers, {args.heads} heads / "
+            f"{args.kv_heads} KV heads, head_dim {args.hidden // args.heads}, vocab {args.vocab}, "
+            f"{n / 1e6:.1f}M params)"
+        )
+    model.to(args.device).eval()
+    model.generation_config.eos_token_id = None  # every row runs to max_new_tokens
+    return model, desc
+
+
+def random_tokens(n: int, vocab: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=gen).tolist()
+
+
+def left_padded(prompts: list[list[int]], device) -> dict[str, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def stock_kv_bytes(out) -> int:
+    """K/V tensor bytes of the DynamicCache that a stock generate returned."""
+    cache = out["cache"] if "cache" in out else out.get("past_key_values")
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+class _Paged:
+    """Paged attention on `model` for one `with` block, with the peak of blocks in use."""
+
+    def __init__(self, bench: Bench, num_blocks: int) -> None:
+        self.bench, self.num_blocks = bench, num_blocks
+        self.peak = 0
+
+    def __enter__(self) -> _Paged:
+        from pagedkv.integrations import enable_paged_attention
+
+        model = self.bench.model
+        self.manager = enable_paged_attention(
+            model, block_size=self.bench.block_size, num_blocks=self.num_blocks
+        )
+        self._hook = model.register_forward_hook(self._record)
+        return self
+
+    def _record(self, *args) -> None:
+        self.peak = max(self.peak, self.manager.num_used_blocks)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak * self.manager.config.bytes_per_block
+
+    def __exit__(self, *exc) -> None:
+        from pagedkv.integrations import disable_paged_attention
+
+        self._hook.remove()
+        disable_paged_attention(self.bench.model)
+
+
+def _generate(bench: Bench, inputs, kwargs, profiler=None) -> tuple[object, float]:
+    kwargs = {"do_sample": False, "pad_token_id": PAD, "return_dict_in_generate": True, **kwargs}
+    with torch.no_grad():
+        _sync(bench.device)
+        t0 = time.perf_counter()
+        with profiler or contextlib.nullcontext():
+            out = bench.model.generate(**inputs, **kwargs)
+        _sync(bench.device)
+    return out, time.perf_counter() - t0
+
+
+def compare(
+    bench: Bench,
+    name: str,
+    inputs,
+    kwargs,
+    num_blocks: int,
+    warm_prefix: dict | None = None,
+) -> dict:
+    """Stock vs paged `generate(**inputs, **kwargs)`, interleaved, after a 2-token warm-up.
+
+    Each paged round starts a fresh manager (an empty prefix cache); with `warm_prefix`, an
+    untimed paged call on those inputs runs first, so the timed call can reuse its blocks.
+    """
+    stock_t, paged_t = [], []
+    profiler = None
+    for round_ in range(bench.repeats + 1):
+        if round_ == 0:  # warm-up: short calls, untimed
+            kw = {**kwargs, "max_new_tokens": min(2, kwargs["max_new_tokens"])}
+        else:
+            kw = kwargs
+        stock, t = _generate(bench, inputs, kw)
+        stock_t.append(t)
+        with _Paged(bench, num_blocks) as paged_ctx:
+            if warm_prefix is not None:
+                _generate(bench, warm_prefix, {**kwargs, "max_new_tokens": 1})
+            paged_ctx.peak = 0
+            before = paged_ctx.manager.stats
+            last = round_ == bench.repeats
+            if last and name in bench.profile:
+                profiler = cProfile.Profile()
+            paged, t = _generate(bench, inputs, kw, profiler if last else None)
+            paged_t.append(t)
+            after = paged_ctx.manager.stats
+    if profiler is not None:
+        print(f"---- cProfile of the last paged {name} call (top 25, cumulative) ----")
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
+    stock_s, paged_s = statistics.median(stock_t[1:]), statistics.median(paged_t[1:])
+    stock_bytes, paged_bytes = stock_kv_bytes(stock), paged_ctx.peak_bytes
+    return {
+        "stock_s": stock_s,
+        "paged_s": paged_s,
+        "time_ratio": paged_s / stock_s,
+        "stock_kv_bytes": stock_bytes,
+        "paged_kv_bytes": paged_bytes,
+        "memory_ratio": paged_bytes / stock_bytes if stock_bytes else None,
+        "peak_blocks": paged_ctx.peak,
+        "bytes_per_block": paged_ctx.manager.config.bytes_per_block,
+        "prefix_queries": after.prefix_queries - before.prefix_queries,
+        "prefix_hits": after.prefix_hits - before.prefix_hits,
+        "cow_copies": after.cow_copies - before.cow_copies,
+        "tokens_match": bool(torch.equal(stock.sequences, paged.sequences)),
+        "stock_samples_s": stock_t[1:],
+        "paged_samples_s": paged_t[1:],
+    }
+
+
+def _blocks_for(bench: Bench, lengths: list[int], copies: int = 1) -> int:
+    bs = bench.block_size
+    return copies * sum(-(-n // bs) + 1 for n in lengths) + 64
+
+
+def bench_decode(bench: Bench, args) -> dict:
+    """Batched greedy decode over left-padded prompts of mixed lengths."""
+    n = args.batch_size
+    lo, hi = args.min_prompt, args.max_prompt
+    lengths = [round(lo + (hi - lo) * i / max(n - 1, 1)) for i in range(n)]
+    vocab = bench.model.config.vocab_size
+    prompts = [random_tokens(m, vocab, seed=i) for i, m in enumerate(lengths)]
+    kwargs = {"max_new_tokens": args.new_tokens, "num_beams": 1}
+    blocks = _blocks_for(bench, [m + args.new_tokens for m in lengths])
+    r = compare(bench, "decode", left_padded(prompts, bench.device), kwargs, blocks)
+    r["setup"] = f"batch {n}, prompts {lo}..{hi} tokens, {args.new_tokens} new tokens, greedy"
+    r["goals"] = {"time_ratio": 1.10, "memory_ratio": 0.6}
+    return r
+
+
+def bench_beams(bench: Bench, args) -> dict:
+    """Beam search on one long prompt: beams share the prompt's blocks, copy on write."""
+    vocab = bench.model.config.vocab_size
+    prompt = random_tokens(args.beam_prompt, vocab, seed=100)
+    kwargs = {"max_new_tokens": args.new_tokens, "num_beams": args.num_beams}
+    blocks = _blocks_for(bench, [args.beam_prompt + args.new_tokens], copies=args.num_beams)
+    r = compare(bench, "beams", left_padded([prompt], bench.device), kwargs, blocks)
+    r["setup"] = (
+        f"{args.num_beams} beams, 1 prompt of {args.beam_prompt} tokens, "
+        f"{args.new_tokens} new tokens"
+    )
+    r["goals"] = {"time_ratio": 1.0, "memory_ratio": 0.5}
+    return r
+
+
+def bench_prefix(bench: Bench, args) -> dict:
+    """A second call sharing a long prefix with the first: paged computes only the rest."""
+    vocab = bench.model.config.vocab_size
+    prefix = random_tokens(args.prefix_len, vocab, seed=200)
+    first = prefix + random_tokens(16, vocab, seed=201)
+    second = prefix + random_tokens(16, vocab, seed=202)
+    kwargs = {"max_new_tokens": args.prefix_new_tokens, "num_beams": 1}
+    blocks = _blocks_for(bench, [len(first) + 1, len(second) + args.prefix_new_tokens])
+    r = compare(
+        bench,
+        "prefix",
+        left_padded([second], bench.device),
+        kwargs,
+        blocks,
+        warm_prefix=left_padded([first], bench.device),
+    )
+    r["setup"] = (
+        f"second call: {args.prefix_len}-token shared prefix + 16 new prompt tokens, "
+        f"{args.prefix_new_tokens} new token(s)"
+    )
+    r["goals"] = {"time_ratio": 0.1}
+    r.pop("memory_ratio")
+    return r
+
+
+SECTIONS = {
+    "decode": bench_decode,
+    "beams": bench_beams,
+    "prefix": bench_prefix,
+    "manager": bench_manager,
+}
+QUICK = dict(
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    vocab=256,
+    batch_size=3,
+    min_prompt=4,
+    max_prompt=40,
+    new_tokens=6,
+    beam_prompt=48,
+    prefix_len=64,
+    repeats=1,
+    num_seqs=16,
+)
+
+
+# ---- report -----------------------------------------------------------------------------------
+def verdicts(r: dict) -> dict[str, bool]:
+    return {k: r[k] is not None and r[k] <= goal for k, goal in r.get("goals", {}).items()}
+
+
+def print_table(results: dict) -> None:
+    rows = [("section", "metric", "stock", "paged", "paged/stock", "goal", "")]
+    for name in ("decode", "beams", "prefix"):
+        r = results.get(name)
+        if r is None:
+            continue
+        meets = verdicts(r)
+        rows.append(
+            (
+                name,
+                "time (s)",
+                f"{r['stock_s']:.3f}",
+                f"{r['paged_s']:.3f}",
+                f"{r['time_ratio']:.2f}x",
+                f"<= {r['goals']['time_ratio']:.2f}x",
+                "meets" if meets["time_ratio"] else "MISSES",
+            )
+        )
+        if "memory_ratio" in r:
+            rows.append(
+                (
+                    "",
+                    "KV memory (MiB)",
+                    f"{r['stock_kv_bytes'] / 2**20:.2f}",
+                    f"{r['paged_kv_bytes'] / 2**20:.2f}",
+                    f"{r['memory_ratio']:.2f}x",
+                    f"<= {r['goals']['memory_ratio']:.2f}x",
+                    "meets" if meets["memory_ratio"] else "MISSES",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print(
+            "  ".join(
+                c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))
+            )
+        )
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_png(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, goals = [], [], []
+    for name in ("decode", "beams", "prefix"):
+        r = results.get(name)
+        if r is None:
+            continue
+        for metric, goal in r["goals"].items():
+            labels.append(f"{name}\n{metric.replace('_ratio', '')}")
+            values.append(r[metric])
+            goals.append(goal)
+    fig, ax = plt.subplots(figsize=(1.4 * max(len(labels), 3) + 1, 3.6))
+    colors = ["#59a14f" if v <= g else "#e15759" for v, g in zip(values, goals)]
+    bars = ax.bar(range(len(values)), values, color=colors)
+    for i, g in enumerate(goals):
+        ax.hlines(g, i - 0.4, i + 0.4, colors="black", linestyles="dashed")
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v:.2f}x", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
+    ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.set_xticks(range(len(values)), labels)
+    ax.set_ylabel("paged / stock (lower is better)")
+    ax.set_title(f"pagedkv vs stock transformers ({results['device']}); dashes: goals")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+# ---- main -------------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; expected an integer >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -81,21 +462,108 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="run only these sections (repeatable)",
     )
-    parser.add_argument(
-        "--num-seqs", type=int, default=256, help="sequences for the manager section"
-    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (CI)")
     parser.add_argument("--json", help="write the results to this JSON file")
-    args = parser.parse_args(argv)
-    if args.num_seqs < 1:
-        parser.error(f"--num-seqs must be >= 1; got {args.num_seqs}")
+    parser.add_argument("--png", help="write a chart of the ratios and goals to this PNG file")
+    parser.add_argument(
+        "--profile",
+        choices=["decode", "beams", "prefix"],
+        action="append",
+        default=[],
+        help="cProfile the last paged call of this section (repeatable)",
+    )
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", help="model id or path (default: a random Llama from a config)")
+    g.add_argument("--hidden", type=_positive, default=512)
+    g.add_argument("--layers", type=_positive, default=4)
+    g.add_argument("--heads", type=_positive, default=8)
+    g.add_argument("--kv-heads", type=_positive, default=4)
+    g.add_argument("--vocab", type=_positive, default=4096)
+    g.add_argument(
+        "--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)"
+    )
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="auto: float32 on cpu, float16 on cuda",
+    )
+    g = parser.add_argument_group("sizes")
+    g.add_argument("--batch-size", type=_positive, default=8, help="decode: prompts")
+    g.add_argument("--min-prompt", type=_positive, default=16, help="decode: shortest prompt")
+    g.add_argument("--max-prompt", type=_positive, default=512, help="decode: longest prompt")
+    g.add_argument("--new-tokens", type=_positive, default=64, help="decode, beams")
+    g.add_argument("--num-beams", type=_positive, default=4)
+    g.add_argument("--beam-prompt", type=_positive, default=1024)
+    g.add_argument("--prefix-len", type=_positive, default=1024)
+    g.add_argument("--prefix-new-tokens", type=_positive, default=1)
+    g.add_argument("--block-size", type=_positive, default=16)
+    g.add_argument("--repeats", type=_positive, default=3, help="timed rounds (median)")
+    g.add_argument(
+        "--num-seqs", type=_positive, default=256, help="sequences for the manager section"
+    )
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        for key, value in QUICK.items():
+            if f"--{key.replace('_', '-')}" not in given:
+                setattr(args, key, value)
+    if args.min_prompt > args.max_prompt:
+        parser.error(
+            f"--min-prompt {args.min_prompt} is larger than --max-prompt {args.max_prompt}"
+        )
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        parser.error(
+            f"--hidden {args.hidden} must be a multiple of --heads {args.heads}, and --heads a "
+            f"multiple of --kv-heads {args.kv_heads}"
+        )
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device!r}: CUDA is not available")
+    if args.dtype == "auto":
+        args.dtype = "float16" if device.type == "cuda" else "float32"
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results: dict = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    for name in args.only or list(SECTIONS):
+    sections = args.only or list(SECTIONS)
+    generate_sections = [s for s in sections if s != "manager"]
+    if generate_sections:
+        import transformers
+
+        from pagedkv.kernels import resolve_backend
+
+        model, desc = build_model(args)
+        bench = Bench(model, desc, device, args.block_size, args.repeats, set(args.profile))
+        results.update(
+            transformers=transformers.__version__,
+            model=desc,
+            dtype=args.dtype,
+            block_size=args.block_size,
+            paged_backend=resolve_backend(None, device),
+            repeats=args.repeats,
+        )
+        print(
+            f"model: {desc}, {args.dtype} on {results['device']} ({results['machine']}, "
+            f"{results['threads']} threads); paged kernels: {results['paged_backend']}, "
+            f"block size {args.block_size}; medians of {args.repeats} round(s)"
+        )
+    for name in sections:
         if name == "manager":
             r = bench_manager(num_seqs=args.num_seqs)
             results["manager"] = r
@@ -105,10 +573,37 @@ def main(argv: list[str] | None = None) -> int:
                 f"(append 1 token + block tables + seq lens): {r['us_per_step']:.1f} us/step "
                 f"({verdict} the <= {r['goal_us']:.0f} us goal)"
             )
+            continue
+        t0 = time.perf_counter()
+        r = SECTIONS[name](bench, args)
+        r["meets"] = verdicts(r)
+        results[name] = r
+        extra = (
+            f"; prefix cache: {r['prefix_hits']} of {r['prefix_queries']} prompt tokens hit"
+            if name == "prefix"
+            else f"; {r['cow_copies']} copy-on-write block copies"
+            if name == "beams"
+            else ""
+        )
+        match = "paged tokens == stock tokens" if r["tokens_match"] else "TOKENS DIFFER"
+        print(
+            f"{name}: {r['setup']}: {match}; peak {r['peak_blocks']} blocks{extra} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
+    if generate_sections:
+        print()
+        print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.json}")
+    if args.png and generate_sections:
+        write_png(results, args.png)
+        print(f"wrote {args.png}")
+    mismatch = [s for s in generate_sections if not results[s]["tokens_match"]]
+    if mismatch and args.dtype == "float32":
+        print(f"FAILED: paged tokens differ from stock in {mismatch}", file=sys.stderr)
+        return 1
     return 0
 
 
