@@ -307,7 +307,9 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
             prompts = [row[m].tolist() for row, m in zip(host_ids, host_mask, strict=True)]
             pads = (~host_mask).sum(1).tolist()
             # chunked prefill restarts from column 0 on some transformers versions (5.17)
-            chunked = kwargs.get("prefill_chunk_size", gen_config.prefill_chunk_size)
+            chunked = kwargs.get(
+                "prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None)
+            )
             cache.allocate_prompts(prompts, pads, reuse=chunked is None)
         out = generate(*args, **kwargs)
         if input_ids is not None:
