@@ -217,3 +217,52 @@ def test_empty_batch():
         backend="triton",
     )
     assert out.shape == (0, 4, 64)
+
+
+BLOCK_SIZE_CASES = [
+    # every natural block size: a KV tile spans many pages (bs 1, 2, 4) or part of one (bs 128)
+    pytest.param(bs, id=f"bs{bs}")
+    for bs in (1, 2, 4, 64, 128)
+]
+
+
+@pytest.mark.parametrize("bs", BLOCK_SIZE_CASES)
+def test_block_sizes(make_paged, bs):
+    problem = make_paged([37, 5], [6, 5], 4, 2, 64, bs, F32)
+    check(problem, config={"block_n": 32})
+
+
+def test_mqa_group_wider_than_default_tile(make_paged):
+    """Hq 32 / Hkv 1: the 32-head group alone exceeds the default 16-row decode tile."""
+    check(make_paged([20, 9], None, 32, 1, 64, 16, F16))
+    check(make_paged([20, 9], [7, 9], 32, 1, 64, 16, F16, seed=1))
+
+
+def test_empty_sequences_output_zeros(make_paged):
+    problem = make_paged([0, 5, 0], None, 4, 2, 64, 8, F32)
+    out = check(problem)
+    assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))
+
+
+@pytest.mark.parametrize("seed", range(8), ids=lambda s: f"seed{s}")
+def test_random_mixes(make_paged, seed):
+    """Random batches mixing decode-like (q_len 1), prefill and prefix rows, left padding
+    (q_len > seq_len) and random configs: each seed draws one problem."""
+    gen = torch.Generator().manual_seed(100 + seed)
+
+    def draw(*choices):
+        return choices[int(torch.randint(len(choices), (1,), generator=gen))]
+
+    hkv, group = draw(1, 2, 4), draw(1, 3, 4, 8)
+    d, bs = draw(64, 80, 96, 128), draw(4, 8, 16, 32)
+    seq_lens = torch.randint(1, 60, (int(torch.randint(1, 5, (1,), generator=gen)),),
+                             generator=gen).tolist()  # fmt: skip
+    q_lens = [draw(1, s, max(1, s // 3), s + 2) for s in seq_lens]
+    kwargs = {"config": {"block_n": draw(16, 32, 64), "block_m": draw(16, 32, 64),
+                         "num_splits": draw(1, 2, 3)}}  # fmt: skip
+    if draw(True, False):
+        kwargs["sliding_window"] = draw(1, 5, 17)
+    if draw(True, False):
+        kwargs["softcap"] = draw(3.0, 30.0)
+    problem = make_paged(seq_lens, q_lens, hkv * group, hkv, d, bs, draw(F16, F32), seed=seed)
+    check(problem, **kwargs)
