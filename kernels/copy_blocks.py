@@ -22,6 +22,7 @@ def _copy_blocks_kernel(
     block_mapping_ptr,
     # sizes
     num_kv_heads,
+    block_numel,  # block_size * num_kv_heads * head_dim
     # strides
     stride_layer_k, stride_layer_v,  # elements from one layer's cache to the next (pool mode)
     stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
@@ -32,13 +33,17 @@ def _copy_blocks_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     USE_PTR_TABLE: tl.constexpr,
+    FLAT: tl.constexpr,
+    FLAT_CHUNK: tl.constexpr,
 ):
     # key/value caches, per layer: [num_blocks, block_size, num_kv_heads, head_dim] (any strides)
     # block_mapping:               [num_pairs, 2] (src, dst)
-    # grid:                        (num_pairs, num_layers, block_size)
+    # grid:                        (num_pairs, num_layers, chunks): FLAT_CHUNK-element chunks of a
+    #                              block whose [block_size, Hkv, D] is one contiguous span (FLAT),
+    #                              else one program per row (offset in the block)
     pair = tl.program_id(0).to(tl.int64)
     layer = tl.program_id(1).to(tl.int64)
-    offset = tl.program_id(2).to(tl.int64)
+    chunk = tl.program_id(2).to(tl.int64)
     src = tl.load(block_mapping_ptr + pair * stride_map_n).to(tl.int64)
     dst = tl.load(block_mapping_ptr + pair * stride_map_n + 1).to(tl.int64)
 
@@ -49,11 +54,17 @@ def _copy_blocks_kernel(
         k_base = key_cache_ptr + layer * stride_layer_k
         v_base = value_cache_ptr + layer * stride_layer_v
 
-    offs_h = tl.arange(0, HEADS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k_row = offset * stride_kc_o + offs_h[:, None] * stride_kc_h + offs_d[None, :] * stride_kc_d
-    v_row = offset * stride_vc_o + offs_h[:, None] * stride_vc_h + offs_d[None, :] * stride_vc_d
+    if FLAT:
+        offs = chunk * FLAT_CHUNK + tl.arange(0, FLAT_CHUNK)
+        mask = offs < block_numel
+        k_row = offs
+        v_row = offs
+    else:
+        offs_h = tl.arange(0, HEADS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k_row = chunk * stride_kc_o + offs_h[:, None] * stride_kc_h + offs_d[None, :] * stride_kc_d
+        v_row = chunk * stride_vc_o + offs_h[:, None] * stride_vc_h + offs_d[None, :] * stride_vc_d
 
     k = tl.load(k_base + src * stride_kc_b + k_row, mask=mask)
     v = tl.load(v_base + src * stride_vc_b + v_row, mask=mask)
@@ -93,6 +104,8 @@ def copy_blocks(
     blocks must be distinct and must not also be sources (copies run in parallel).
     When the layers are evenly spaced views of one storage (the block-major pool) the kernel
     walks them from one base pointer; otherwise it reads a table of per-layer data pointers.
+    A block whose ``[block_size, Hkv, D]`` is contiguous (the pool, or contiguous caches) is
+    copied as one flat span in 4096-element chunks; other layouts row by row.
     """
     if not isinstance(key_caches, (list, tuple)) or not isinstance(value_caches, (list, tuple)):
         raise ValueError("key_caches and value_caches must be lists of tensors (one per layer)")
@@ -150,7 +163,12 @@ def copy_blocks(
     else:
         key_ptrs = value_ptrs = block_mapping  # unused placeholders
     vc0 = value_caches[0]
-    grid = (num_pairs, num_layers, block_size)
+    block_numel = block_size * num_kv_heads * head_dim
+    flat_strides = (num_kv_heads * head_dim, head_dim, 1)
+    flat = first.stride()[1:] == flat_strides and vc0.stride()[1:] == flat_strides
+    flat_chunk = min(next_power_of_2(block_numel), 4096)
+    chunks = triton.cdiv(block_numel, flat_chunk) if flat else block_size
+    grid = (num_pairs, num_layers, chunks)
     _copy_blocks_kernel[grid](
         first,
         vc0,
@@ -158,6 +176,7 @@ def copy_blocks(
         value_ptrs,
         block_mapping,
         num_kv_heads,
+        block_numel,
         key_step,
         value_step,
         *first.stride(),
@@ -167,5 +186,7 @@ def copy_blocks(
         HEAD_DIM_PAD=next_power_of_2(head_dim),
         HEADS_PAD=next_power_of_2(num_kv_heads),
         USE_PTR_TABLE=use_ptr_table,
+        FLAT=flat,
+        FLAT_CHUNK=flat_chunk,
         num_warps=4,
     )

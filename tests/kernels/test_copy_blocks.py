@@ -20,6 +20,13 @@ def make_layers(layout, num_layers, num_blocks, bs, hkv, d, dtype):
         pool = torch.randn(num_blocks, num_layers, 2, bs, hkv, d, generator=gen).to(dtype)
         layers = range(num_layers)
         return [pool[:, i, 0] for i in layers], [pool[:, i, 1] for i in layers]
+    if layout == "head-major":  # [num_blocks, Hkv, bs, D] storage: block rows are not flat
+        shape = (num_blocks, hkv, bs, d)
+        keys = [
+            torch.randn(shape, generator=gen).to(dtype).transpose(1, 2) for _ in range(num_layers)
+        ]
+        values = [torch.randn(shape, generator=gen).to(dtype).transpose(1, 2) for _ in keys]
+        return keys, values
     keys = [torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype) for _ in range(num_layers)]
     values = [torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype) for _ in keys]
     return keys, values
@@ -32,6 +39,8 @@ CASES = [
     pytest.param("pool", 3, 6, 32, 1, 128, F16, id="pool-L3-bs32-Hkv1-D128-fp16"),
     pytest.param("separate", 3, 6, 16, 2, 96, BF16, id="separate-L3-bs16-D96-bf16"),
     pytest.param("separate", 2, 4, 8, 4, 256, F16, id="separate-L2-bs8-D256-fp16"),
+    pytest.param("head-major", 3, 5, 8, 3, 80, BF16, id="head-major-L3-bs8-Hkv3-D80-rowwise"),
+    pytest.param("pool", 2, 4, 64, 8, 128, F16, id="pool-L2-bs64-Hkv8-D128-multichunk"),
 ]
 
 
@@ -73,10 +82,13 @@ def test_pool_case_is_a_single_launch(monkeypatch):
     monkeypatch.setattr(module, "_copy_blocks_kernel", Spy())
     keys, values = make_layers("pool", 5, 6, 8, 2, 64, F16)
     copy_blocks(keys, values, torch.tensor([[1, 4], [2, 5]]), backend="triton")
-    assert launches == [((2, 5, 8), False)]
+    assert launches == [((2, 5, 1), False)]  # 8 x 2 x 64 = 1024 elements: one flat chunk
     keys, values = make_layers("separate", 3, 6, 8, 2, 64, F16)
     copy_blocks(keys, values, torch.tensor([[1, 4]]), backend="triton")
-    assert launches[1] == ((1, 3, 8), True)
+    assert launches[1] == ((1, 3, 1), True)
+    keys, values = make_layers("head-major", 2, 6, 8, 2, 64, F16)
+    copy_blocks(keys, values, torch.tensor([[1, 4]]), backend="triton")
+    assert launches[2] == ((1, 2, 8), True)  # row by row
 
 
 def test_copy_blocks_leaves_other_blocks_untouched():

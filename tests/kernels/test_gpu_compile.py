@@ -102,13 +102,13 @@ SCRIPT = textwrap.dedent(
         compile_kernel(write_kv._write_kv_kernel, kv,
                        {"BLOCK_SIZE": 16, "HEAD_DIM": 96, "HEAD_DIM_PAD": 128, **config.kwargs},
                        config.num_warps, config.num_stages)
-    for table in (False, True):
+    for table, flat in ((False, True), (True, True), (True, False)):
         compile_kernel(copy_blocks._copy_blocks_kernel,
                        {"key_cache_ptr": "*fp16", "value_cache_ptr": "*fp16",
                         "key_layer_ptrs_ptr": "*i64", "value_layer_ptrs_ptr": "*i64",
                         "block_mapping_ptr": "*i64"},
                        {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "HEADS_PAD": 8,
-                        "USE_PTR_TABLE": table})
+                        "USE_PTR_TABLE": table, "FLAT": flat, "FLAT_CHUNK": 4096})
     compile_kernel(gather_kv._gather_kv_kernel,
                    {"key_cache_ptr": "*bf16", "value_cache_ptr": "*bf16",
                     "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
