@@ -121,6 +121,7 @@ def paged_attention(
 
     # Queries: [B, Hq, M, D]; mask: None (all visible) or bool, broadcastable to [B, M, L].
     mask = None if key_valid is None else key_valid[:, None, :]
+    is_causal = False  # SDPA's own (top-left) causal mask: right when every query is a key
     if query_start_loc is None:  # decode: query i sits at seq_len_i - 1, causality is implied
         q = query[:, :, None]
         row_valid = None
@@ -128,7 +129,8 @@ def paged_attention(
     else:
         starts = query_start_loc.long()
         q_lens = starts[1:] - starts[:-1]
-        max_q = int(q_lens.max())
+        q_len_list = q_lens.tolist()
+        max_q = max(q_len_list)
         rows = torch.arange(max_q, device=device)
         row_valid = rows < q_lens[:, None]  # [B, M]
         if num_seqs == 1:
@@ -138,7 +140,10 @@ def paged_attention(
             padded_q[row_valid] = query
         q = padded_q.transpose(1, 2)
         q_pos = (seq_lens.long() - q_lens)[:, None] + rows  # [B, M]
-        if causal:
+        plain_prefill = key_valid is None and all(n == max_len for n in q_len_list)
+        if causal and plain_prefill and sliding_window is None and softcap is None:
+            is_causal = True
+        elif causal:
             visible = k_pos <= q_pos[:, :, None]
             mask = visible if mask is None else mask & visible
     if sliding_window is not None:
@@ -154,7 +159,9 @@ def paged_attention(
             group = num_q_heads // num_kv_heads
             keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
         gqa = {"enable_gqa": True} if num_q_heads != keys.shape[1] else {}
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=scale, **gqa)
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **gqa
+        )
     o = o.transpose(1, 2)  # [B, M, Hq, D]
 
     # Rows that see no key (q_len > seq_len left padding, empty sequences) are exactly 0.

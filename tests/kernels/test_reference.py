@@ -63,6 +63,21 @@ TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 CASES = [
     # seq_lens, q_lens (None = decode), Hq, Hkv, D, bs, dtype, kwargs
+    pytest.param([20], [20], 4, 2, 64, 8, torch.float32, {}, id="plain-prefill-B1-sdpa-is-causal"),
+    pytest.param(
+        [12, 12], [12, 12], 4, 1, 64, 8, torch.float32, {}, id="plain-prefill-B2-sdpa-is-causal"
+    ),
+    pytest.param(
+        [12, 12],
+        [12, 12],
+        4,
+        1,
+        64,
+        8,
+        torch.float32,
+        {"sliding_window": 3},
+        id="plain-prefill-B2-window",
+    ),
     pytest.param(
         [1, 16, 37], None, 8, 2, 64, 16, torch.float32, {}, id="decode-B3-Hq8-Hkv2-D64-bs16"
     ),
