@@ -210,7 +210,11 @@ def progress_bar(model, total: int, desc: str, enabled: bool | None) -> Iterator
     bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=enabled is False or None)
     if enabled is None:
         bar.disable = not sys.stderr.isatty()
-    handle = model.register_forward_hook(lambda *a: bar.update(1))
+
+    def step(*args) -> None:  # a forward hook must return None, or it replaces the output
+        bar.update(1)
+
+    handle = model.register_forward_hook(step)
     try:
         yield
     finally:
