@@ -8,6 +8,7 @@ the (slow) Triton interpreter; one test opts back in to prove the Triton kernels
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -175,8 +176,16 @@ def stock_vs_paged():
 
     Runs stock generate, enables paged attention (block_size 4 unless `enable` says otherwise),
     runs the same call under the same seed, and disables again. Outputs are dict-style
-    (`return_dict_in_generate=True`, logits included).
+    (`return_dict_in_generate=True`, logits included). `run.blocks` then lists, per forward of
+    the paged call, (blocks in use, blocks the rows would hold without sharing).
     """
+
+    def record(manager, module, args, kwargs, output):
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+        private = sum(-(-manager.seq_len(s) // manager.config.block_size) for s in cache.seq_ids)
+        run.blocks.append((manager.num_used_blocks, private))
 
     def run(model, inputs, seed=0, enable=None, **kwargs):
         kwargs = {
@@ -187,9 +196,12 @@ def stock_vs_paged():
         }
         stock = _generate(model, seed, inputs, kwargs)
         manager = enable_paged_attention(model, **{"block_size": BLOCK_SIZE, **(enable or {})})
+        run.blocks = []
+        hook = model.register_forward_hook(functools.partial(record, manager), with_kwargs=True)
         try:
             paged = _generate(model, seed, inputs, kwargs)
         finally:
+            hook.remove()
             disable_paged_attention(model)
         return stock, paged, manager
 

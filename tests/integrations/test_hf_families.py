@@ -43,6 +43,9 @@ def test_beam_search(family, model, stock_vs_paged, same_generation, helpers):
     same_generation(stock, paged)
     torch.testing.assert_close(paged.sequences_scores, stock.sequences_scores, atol=1e-4, rtol=0)
     assert manager.stats.cow_copies > 0, "beams share their last block until they diverge"
+    used, private = stock_vs_paged.blocks[0]  # after the prefill: one prompt copy per batch row
+    assert used == 9 // 4 + 1 + 5 // 4 + 1 and private == 3 * used
+    assert all(u < p for u, p in stock_vs_paged.blocks), stock_vs_paged.blocks
 
 
 def test_num_return_sequences(family, model, stock_vs_paged, same_generation, helpers):
@@ -52,6 +55,8 @@ def test_num_return_sequences(family, model, stock_vs_paged, same_generation, he
         model, inputs, seed=7, max_new_tokens=6, do_sample=True, num_return_sequences=3
     )
     same_generation(stock, paged)
+    used, private = stock_vs_paged.blocks[0]  # the 3 samples of a prompt share its blocks
+    assert used == 10 // 4 + 1 + 6 // 4 + 1 and private == 3 * used
 
 
 def test_prompt_lookup(family, model, stock_vs_paged, same_generation):
