@@ -39,7 +39,13 @@ from pagedkv.kvcache import KVCacheConfig, KVCacheManager, OutOfBlocksError
 from ._hf_attention import ATTN_NAME, register, reset_forward_cache, set_forward_cache
 from ._hf_cache import PagedCache
 
-__all__ = ["ATTN_NAME", "PagedCache", "disable_paged_attention", "enable_paged_attention"]
+__all__ = [
+    "ATTN_NAME",
+    "PagedCache",
+    "disable_paged_attention",
+    "enable_paged_attention",
+    "get_manager",
+]
 
 _STATE_ATTR = "_pagedkv_state"
 _CACHE_KEYS = ("cache", "past_key_values")
