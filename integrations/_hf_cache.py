@@ -111,6 +111,19 @@ class PagedCache(Cache):
         """The manager sequence id of each batch row."""
         return list(self._rows)
 
+    @property
+    def num_blocks(self) -> int:
+        """Distinct blocks this cache's rows hold (shared blocks counted once)."""
+        ids: set[int] = set()
+        for seq_id in self._rows:
+            ids.update(self.manager.get_blocks(seq_id).block_ids)
+        return len(ids)
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV bytes this cache holds: distinct blocks x bytes per block (all layers, K and V)."""
+        return self.num_blocks * self.manager.config.bytes_per_block
+
     def _new_id(self) -> tuple[str, int]:
         return ("pagedkv.hf", next(self._next_id))
 

@@ -59,6 +59,7 @@ def test_repeat_select_crop_reorder(manager):
     used = manager.num_used_blocks
     cache.batch_repeat_interleave(2)
     assert cache.batch_size == 4 and manager.num_used_blocks == used, "repeats share blocks"
+    assert cache.num_blocks == used and cache.kv_bytes == used * manager.config.bytes_per_block
     cache.reorder_cache(torch.tensor([1, 1, 2, 3]))
     _step(cache, 4, 1)  # each row writes into its (shared) last block: copy on write
     assert manager.stats.cow_copies >= 1
