@@ -108,34 +108,38 @@ def test_num_return_sequences_share_prompt_blocks(llama, helpers):
     assert rec.private[0] == 4 * rec.used[0]
 
 
-def test_prefix_reuse_across_calls(llama, helpers):
+@pytest.mark.parametrize("family", ["llama", "falcon"])  # paged attention; gathered K/V
+def test_prefix_reuse_across_calls(family, helpers):
+    model = helpers.build_model(family)
     prompt, _ = helpers.padded_batch([13], seed=10)
     longer = torch.cat([prompt, torch.tensor([[7, 9, 11, 13, 15]])], dim=1)  # 18 tokens
-    stock1 = _stock(llama, input_ids=prompt, max_new_tokens=8)
-    stock2 = _stock(llama, input_ids=longer, max_new_tokens=8)
+    stock1 = _stock(model, input_ids=prompt, max_new_tokens=8)
+    stock2 = _stock(model, input_ids=longer, max_new_tokens=8)
     chat = torch.cat([stock1, torch.tensor([[21, 22, 23]])], dim=1)  # turn 1 + answer + 3
-    stock3 = _stock(llama, input_ids=chat, max_new_tokens=8)
+    stock3 = _stock(model, input_ids=chat, max_new_tokens=8)
 
-    manager = enable_paged_attention(llama, block_size=BS)
-    rec = _Recorder(llama, manager)
-    assert torch.equal(_paged(llama, input_ids=prompt, max_new_tokens=8), stock1)
+    manager = enable_paged_attention(model, block_size=BS)
+    rec = _Recorder(model, manager)
+    assert torch.equal(_paged(model, input_ids=prompt, max_new_tokens=8), stock1)
     assert rec.widths[0] == 13  # nothing cached yet
     hits = manager.stats.prefix_hits
 
     rec.widths.clear()
-    assert torch.equal(_paged(llama, input_ids=longer, max_new_tokens=8), stock2)
+    assert torch.equal(_paged(model, input_ids=longer, max_new_tokens=8), stock2)
     assert rec.widths[0] == 18 - 12, "3 full blocks of the first prompt are reused"
     assert manager.stats.prefix_hits == hits + 12
 
     # turn 2 of a chat: turn 1 stored 13 + 8 - 1 = 20 tokens = 5 full blocks
     rec.widths.clear()
-    assert torch.equal(_paged(llama, input_ids=chat, max_new_tokens=8), stock3)
+    assert torch.equal(_paged(model, input_ids=chat, max_new_tokens=8), stock3)
     assert rec.widths[0] == chat.shape[1] - 20
     rec.remove()
     assert manager.num_used_blocks == 0
 
 
-def test_prefix_reuse_padded_batch_and_expansion(llama, helpers):
+@pytest.mark.parametrize("family", ["model", "bloom"])
+def test_prefix_reuse_padded_batch_and_expansion(family, helpers):
+    model = helpers.build_model(family)
     base, _ = helpers.padded_batch([10, 7], seed=11)
     rows = [base[0].tolist(), base[1, 3:].tolist()]
     ext = [rows[0] + [31, 32], rows[1] + [33, 34, 35, 36, 37, 38]]  # 12 and 13 tokens
@@ -147,14 +151,14 @@ def test_prefix_reuse_padded_batch_and_expansion(llama, helpers):
         mask[i, width - len(r) :] = 1
     for extra in ({}, {"do_sample": True, "num_return_sequences": 2, "seed": 5}):
         kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, **extra)
-        stock = _stock(llama, **kwargs)
-        manager = enable_paged_attention(llama, block_size=BS)
+        stock = _stock(model, **kwargs)
+        manager = enable_paged_attention(model, block_size=BS)
         for row in rows:  # cache each prompt alone first (2 new tokens)
-            _paged(llama, input_ids=torch.tensor([row]), max_new_tokens=2)
-        rec = _Recorder(llama, manager)
-        paged = _paged(llama, **kwargs)
+            _paged(model, input_ids=torch.tensor([row]), max_new_tokens=2)
+        rec = _Recorder(model, manager)
+        paged = _paged(model, **kwargs)
         rec.remove()
-        disable_paged_attention(llama)
+        disable_paged_attention(model)
         assert torch.equal(stock, paged)
         # row 0: 1 pad + 2 cached blocks (8 tokens); row 1: 0 pads + 1 cached block (its
         # second block held the first call's answer token) -> transformers starts at column 4
