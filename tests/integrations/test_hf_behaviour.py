@@ -137,7 +137,7 @@ def test_prefix_reuse_across_calls(family, helpers):
     assert manager.num_used_blocks == 0
 
 
-@pytest.mark.parametrize("family", ["model", "bloom"])
+@pytest.mark.parametrize("family", ["llama", "bloom"])
 def test_prefix_reuse_padded_batch_and_expansion(family, helpers):
     model = helpers.build_model(family)
     base, _ = helpers.padded_batch([10, 7], seed=11)
