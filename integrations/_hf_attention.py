@@ -27,6 +27,9 @@ ATTN_NAME = "pagedkv"
 # The key under which `PagedCache.update` hands itself to the attention function.
 CACHE_KWARG = "pagedkv_cache"
 
+# Attention arguments that change the result and that the paged kernel does not implement.
+_UNSUPPORTED_KWARGS = ("s_aux", "sinks", "attention_chunk_size")
+
 # The PagedCache of the forward pass in progress; set by the model's forward pre-hook and reset
 # by its forward hook. A context variable, so concurrent threads see their own.
 _FORWARD_CACHE: contextvars.ContextVar[PagedCache | None] = contextvars.ContextVar(
@@ -65,6 +68,13 @@ def paged_attention_forward(
     if dropout and module.training:
         raise ValueError(
             "pagedkv attention is for inference; got dropout with the module in training mode"
+        )
+    unsupported = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    if unsupported or getattr(module, "is_causal", True) is False:
+        what = f"attention arguments {unsupported}" if unsupported else "non-causal attention"
+        raise NotImplementedError(
+            f"{type(module).__name__} needs {what}, which pagedkv's paged attention does not "
+            "implement; it would compute something else"
         )
     batch, num_heads, q_len, head_dim = query.shape
     packed = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)

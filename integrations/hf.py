@@ -177,6 +177,10 @@ def _probe(model: PreTrainedModel, state: _PagedState) -> None:
         with torch.no_grad():
             model(input_ids=token, use_cache=True, **{state.cache_kwarg: cache})
         step = cache.last_step
+    except NotImplementedError as err:
+        raise ValueError(
+            f"{type(model).__name__} ({model.config.model_type}) cannot run on pagedkv: {err}"
+        ) from err
     finally:
         cache.free()
     layers = set(range(state.manager.config.num_layers))
