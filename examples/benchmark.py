@@ -105,6 +105,8 @@ class Bench:
     block_size: int
     repeats: int
     profile: set[str]
+    clock: Callable[[], float] = time.perf_counter
+    num_blocks: int | None = None  # pool size; None: what the section needs + 64
 
 
 def build_model(args) -> tuple[torch.nn.Module, str]:
@@ -185,7 +187,9 @@ class _Paged:
 
         model = self.bench.model
         self.manager = enable_paged_attention(
-            model, block_size=self.bench.block_size, num_blocks=self.num_blocks
+            model,
+            block_size=self.bench.block_size,
+            num_blocks=self.bench.num_blocks or self.num_blocks,
         )
         self._hook = model.register_forward_hook(self._record)
         return self
@@ -208,11 +212,11 @@ def _generate(bench: Bench, inputs, kwargs, profiler=None) -> tuple[object, floa
     kwargs = {"do_sample": False, "pad_token_id": PAD, "return_dict_in_generate": True, **kwargs}
     with torch.no_grad():
         _sync(bench.device)
-        t0 = time.perf_counter()
+        t0 = bench.clock()
         with profiler or contextlib.nullcontext():
             out = bench.model.generate(**inputs, **kwargs)
         _sync(bench.device)
-    return out, time.perf_counter() - t0
+    return out, bench.clock() - t0
 
 
 def compare(
@@ -482,6 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)"
     )
+    g.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared machine "
+        "(use with --threads 1; CPU only)",
+    )
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument(
         "--dtype",
@@ -499,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix-len", type=_positive, default=1024)
     g.add_argument("--prefix-new-tokens", type=_positive, default=1)
     g.add_argument("--block-size", type=_positive, default=16)
+    g.add_argument(
+        "--num-blocks",
+        type=_positive,
+        default=None,
+        help="paged pool size (default: what each section needs + 64 blocks)",
+    )
     g.add_argument("--repeats", type=_positive, default=3, help="timed rounds (median)")
     g.add_argument(
         "--num-seqs", type=_positive, default=256, help="sequences for the manager section"
@@ -531,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device {args.device!r}: CUDA is not available")
     if args.dtype == "auto":
         args.dtype = "float16" if device.type == "cuda" else "float32"
+    if args.clock == "cpu" and device.type == "cuda":
+        parser.error("--clock cpu measures CPU work; on --device cuda use the wall clock")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -549,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         from pagedkv.kernels import resolve_backend
 
         model, desc = build_model(args)
-        bench = Bench(model, desc, device, args.block_size, args.repeats, set(args.profile))
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        bench = Bench(model, desc, device, args.block_size, args.repeats, set(args.profile), clock)
         results.update(
             transformers=transformers.__version__,
             model=desc,
@@ -557,11 +577,13 @@ def main(argv: list[str] | None = None) -> int:
             block_size=args.block_size,
             paged_backend=resolve_backend(None, device),
             repeats=args.repeats,
+            clock=args.clock,
         )
         print(
             f"model: {desc}, {args.dtype} on {results['device']} ({results['machine']}, "
             f"{results['threads']} threads); paged kernels: {results['paged_backend']}, "
-            f"block size {args.block_size}; medians of {args.repeats} round(s)"
+            f"block size {args.block_size}; medians of {args.repeats} round(s) of "
+            f"{'process CPU' if args.clock == 'cpu' else 'wall-clock'} time"
         )
     for name in sections:
         if name == "manager":
