@@ -306,23 +306,39 @@ def _merge_splits_kernel(
 # fmt: on
 
 
+def _accumulator_regs(block_m: int, block_n: int, head_dim_pad: int, num_warps: int) -> float:
+    """fp32 registers per thread for the output accumulator and the score tile."""
+    return block_m * (head_dim_pad + block_n) / (32 * num_warps)
+
+
+def _fits(block_m: int, block_n: int, head_dim_pad: int, num_warps: int, num_stages: int,
+          fp32: bool) -> bool:  # fmt: skip
+    """Whether a tile runs spill-free within shared memory on sm_90 (rules checked against
+    ptxas -v over the autotune space, see tests/kernels/test_gpu_compile.py). fp32 caches use an
+    IEEE dot on the FMA units, which needs small tiles and 8 warps."""
+    if fp32:
+        return block_m <= 16 and block_n == 32 and num_warps == 8
+    shared = 2 * block_n * head_dim_pad * 2 * num_stages  # K and V stages, 16-bit
+    regs = _accumulator_regs(block_m, block_n, head_dim_pad, num_warps)
+    return block_n >= 32 and shared <= 160 * 1024 and regs < 128
+
+
 def _keep(config: triton.Config) -> bool:
     block_n, num_warps = config.kwargs["BLOCK_N"], config.num_warps
-    return not (block_n >= 128 and num_warps < 4) and not (block_n <= 32 and num_warps > 4)
+    return not (block_n >= 128 and num_warps < 4)
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
-    """Drop tiles whose K+V stages overflow shared memory (~200 KB on H100) for this head dim."""
+    """The configs that fit this launch's head dim, query tile and dtype (see `_fits`)."""
     args = {**named_args, **kwargs}
-    head_dim_pad = int(args.get("HEAD_DIM_PAD", 128))
-    elem = 4 if args.get("FP32_DOT") else 2
+    head_dim_pad, block_m = int(args["HEAD_DIM_PAD"]), int(args["BLOCK_M"])
+    fp32 = bool(args["FP32_DOT"])
     kept = [
         c
         for c in configs
-        if 2 * c.kwargs["BLOCK_N"] * head_dim_pad * elem * max(c.num_stages, 1) <= 160 * 1024
-        and (head_dim_pad < 256 or c.kwargs["BLOCK_N"] <= 64)
+        if _fits(block_m, c.kwargs["BLOCK_N"], head_dim_pad, c.num_warps, c.num_stages, fp32)
     ]
-    return kept or configs[:1]
+    return kept or [triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=1)]
 
 
 _AUTOTUNE_CONFIGS = list(
@@ -361,15 +377,15 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def _default_config(is_decode: bool, head_dim_pad: int, group_pad: int) -> KernelConfig:
-    prefill_block_m = 128 if head_dim_pad <= 64 else 64
-    block_m = 16 if is_decode else prefill_block_m
-    return KernelConfig(
-        block_m=max(block_m, group_pad),
-        block_n=64 if head_dim_pad <= 128 else 32,
-        num_warps=4,
-        num_stages=2,
-    )
+def _default_config(is_decode: bool, head_dim_pad: int, group_pad: int, fp32: bool) -> KernelConfig:
+    """The config used without autotune (interpreter, or fields a partial config leaves open)."""
+    if fp32:
+        return KernelConfig(block_m=max(16, group_pad), block_n=32, num_warps=8, num_stages=2)
+    block_m = 16 if is_decode else (128 if head_dim_pad <= 64 else 64)
+    block_m = max(block_m, group_pad)
+    block_n = 64 if head_dim_pad <= 128 else 32
+    num_warps = 4 if _accumulator_regs(block_m, block_n, head_dim_pad, 4) < 128 else 8
+    return KernelConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=2)
 
 
 def paged_attention(
@@ -483,7 +499,9 @@ def paged_attention(
     if config is None:
         config = TUNED.get("paged_attention", key_str)
     autotune = config is None and not _dispatch.triton_interpreted()
-    config = (config or KernelConfig()).merged(_default_config(is_decode, head_dim_pad, group_pad))
+    fp32 = query.dtype == torch.float32
+    defaults = _default_config(is_decode, head_dim_pad, group_pad, fp32)
+    config = (config or KernelConfig()).merged(defaults)
     if config.block_n < 16:
         raise ValueError(f"config block_n must be >= 16 (tl.dot needs it), got {config.block_n}")
     block_m = max(config.block_m, group_pad, 16)
@@ -543,7 +561,7 @@ def paged_attention(
         "CAUSAL": bool(causal),
         "USE_WINDOW": sliding_window is not None,
         "USE_SOFTCAP": softcap is not None,
-        "FP32_DOT": query.dtype == torch.float32,
+        "FP32_DOT": fp32,
         "WHILE_LOOP": _dispatch.triton_interpreted(),
     }
     grid = (num_q_blocks, num_kv_heads, num_splits)

@@ -201,7 +201,7 @@ def test_launcher_uses_loaded_config_by_key(make_paged, monkeypatch, _clean_tune
     explicit = paged_attention(*args, scale=0.125, config=KernelConfig(block_n=32, num_splits=2))
 
     default, tuned, forced = spy.launches
-    assert default["NUM_SPLITS"] == 1 and default["BLOCK_N"] == 64
+    assert default["NUM_SPLITS"] == 1 and default["BLOCK_N"] == 32  # fp32 default tile
     assert tuned["NUM_SPLITS"] == 3 and tuned["BLOCK_N"] == 16 and tuned["grid"] == (2, 2, 3)
     assert forced["NUM_SPLITS"] == 2 and forced["BLOCK_N"] == 32  # explicit beats tuned
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -15,14 +15,30 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent(
-    '''
+    r'''
     import importlib
+    import os
+    import re
+    import subprocess
+    import tempfile
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     H100 = GPUTarget("cuda", 90, 32)
     SHARED_LIMIT = 227 * 1024
+    PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+    def spill_bytes(kernel):
+        """Bytes of register spills ptxas reports for the kernel's PTX on sm_90a."""
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+        os.unlink(f.name)
+        return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", out))
 
 
     def compile_kernel(fn, pointer_types, constexprs, num_warps=4, num_stages=2):
@@ -82,16 +98,32 @@ SCRIPT = textwrap.dedent(
             assert "cp.async" in kernel.asm["ptx"], "decode K/V loads are not pipelined"
 
     # every autotune config that survives the prune, for the benchmark's decode shape
-    pruned = attention._prune(attention._AUTOTUNE_CONFIGS, {}, **DECODE)
-    for config in pruned:
-        compile_kernel(attention._paged_attention_kernel, attention_types("*bf16"),
-                       {**DECODE, **config.kwargs}, config.num_warps, config.num_stages)
-    pruned_256 = attention._prune(attention._AUTOTUNE_CONFIGS, {},
-                                  **{**PREFILL, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256})
-    for config in pruned_256:
-        compile_kernel(attention._paged_attention_kernel, attention_types("*bf16"),
-                       {**PREFILL, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, **config.kwargs},
-                       config.num_warps, config.num_stages)
+    # Every config autotune may try (after the prune), and the no-autotune default, for the
+    # main shapes: compiles, fits shared memory, and does not spill registers.
+    D256 = {"HEAD_DIM": 256, "HEAD_DIM_PAD": 256}
+    spaces = [
+        ("*bf16", DECODE),
+        ("*bf16", PREFILL),
+        ("*bf16", {**PREFILL, **D256}),
+        ("*fp16", {**PREFILL, "HEAD_DIM": 64, "HEAD_DIM_PAD": 64, "BLOCK_M": 128, "BLOCK_Q": 32}),
+        ("*fp32", {**DECODE, **D256, "FP32_DOT": True}),
+        ("*fp32", {**PREFILL, "BLOCK_M": 16, "BLOCK_Q": 4, "FP32_DOT": True}),
+    ]
+    tried = 0
+    for dtype, base in spaces:
+        pruned = attention._prune(attention._AUTOTUNE_CONFIGS, {}, **base)
+        default = attention._default_config(
+            base["IS_DECODE"], base["HEAD_DIM_PAD"], base["GROUP_PAD"], base["FP32_DOT"]
+        )
+        assert default.block_m == base["BLOCK_M"], (default, base["BLOCK_M"])
+        candidates = [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned]
+        candidates.append((default.block_n, default.num_warps, default.num_stages))
+        for block_n, num_warps, num_stages in candidates:
+            kernel = compile_kernel(attention._paged_attention_kernel, attention_types(dtype),
+                                    {**base, "BLOCK_N": block_n}, num_warps, num_stages)
+            spills = spill_bytes(kernel) if os.path.exists(PTXAS) else 0
+            assert spills == 0, (dtype, base, block_n, num_warps, num_stages, spills)
+            tried += 1
 
     compile_kernel(attention._merge_splits_kernel,
                    {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": "*bf16"},
@@ -114,7 +146,7 @@ SCRIPT = textwrap.dedent(
                     "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
                     "seq_starts_ptr": "*i64", "key_out_ptr": "*bf16", "value_out_ptr": "*bf16"},
                    {"BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "HEADS_PAD": 8})
-    print("compiled", len(variants) + len(pruned) + len(pruned_256), "attention variants")
+    print("compiled", len(variants) + tried, "attention variants")
     '''
 )
 
