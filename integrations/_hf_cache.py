@@ -71,7 +71,7 @@ class _Step:
     gather: bool = False  # return contiguous K/V from update (models outside the registry)
     counted: bool = False  # whether `_seen` includes this step yet
     written: set[int] = field(default_factory=set)  # layers that stored K/V this step
-    attended: set[int] = field(default_factory=set)  # layers that ran paged attention
+    attended: dict[int, int | None] = field(default_factory=dict)  # layer -> its sliding window
     gather_index: torch.Tensor | None = None  # padded [batch * width] position of each token
 
 
@@ -363,7 +363,7 @@ class PagedCache(Cache):
     ) -> torch.Tensor:
         """`paged_attention` of packed queries `[batch * q_len, heads, head_dim]` on the blocks."""
         step = self._current()
-        step.attended.add(layer_idx)
+        step.attended[layer_idx] = sliding_window
         out = self.manager.cache.attend(
             layer_idx,
             query.to(self.manager.config.torch_dtype),

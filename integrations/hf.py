@@ -192,16 +192,35 @@ def _probe(model: PreTrainedModel, state: _PagedState) -> None:
             problems.append(
                 f"layers {sorted(layers - step.written)} did not store K/V in the cache"
             )
-        if not state.gather and step.attended != layers:
+        if not state.gather and set(step.attended) != layers:
             problems.append(
-                f"layers {sorted(layers - step.attended)} did not call pagedkv attention"
+                f"layers {sorted(layers - set(step.attended))} did not call pagedkv attention"
             )
+        elif not state.gather:
+            unwindowed = [i for i in _sliding_layers(model) if not step.attended.get(i)]
+            if unwindowed:
+                problems.append(
+                    f"layers {unwindowed} have a sliding window in the config but do not pass "
+                    "it to the attention function (transformers would apply it in the mask)"
+                )
     if problems:
         raise ValueError(
             f"{type(model).__name__} ({model.config.model_type}) cannot run on pagedkv: "
             + "; ".join(problems)
             + ". Generating with it would be silently wrong."
         )
+
+
+def _sliding_layers(model: PreTrainedModel) -> list[int]:
+    """Layers whose config says they attend through a sliding (or chunked) window."""
+    cfg = model.config.get_text_config()
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        windowed = ("sliding_attention", "chunked_attention")
+        return [i for i, kind in enumerate(layer_types) if kind in windowed]
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return list(range(cfg.num_hidden_layers))
+    return []
 
 
 def _configs_of(model: PreTrainedModel) -> list[PretrainedConfig]:

@@ -49,9 +49,12 @@ FAMILIES: dict[str, Callable[[], tf.PretrainedConfig]] = {
     "llama": lambda: tf.LlamaConfig(**_decoder()),
     "mistral": lambda: tf.MistralConfig(**_decoder(sliding_window=8)),
     "mixtral": lambda: tf.MixtralConfig(
-        **_decoder(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+        **_decoder(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)
     ),
-    "qwen2": lambda: tf.Qwen2Config(**_decoder()),
+    # layer 0 full, layer 1 sliding
+    "qwen2": lambda: tf.Qwen2Config(
+        **_decoder(use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    ),
     "qwen2_moe": lambda: tf.Qwen2MoeConfig(
         **_decoder(
             num_experts=4,
@@ -60,7 +63,9 @@ FAMILIES: dict[str, Callable[[], tf.PretrainedConfig]] = {
             shared_expert_intermediate_size=32,
         )
     ),
-    "qwen3": lambda: tf.Qwen3Config(**_decoder(head_dim=16)),
+    "qwen3": lambda: tf.Qwen3Config(
+        **_decoder(head_dim=16, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    ),
     "gemma": lambda: tf.GemmaConfig(**_decoder(head_dim=16)),
     "gemma2": lambda: tf.Gemma2Config(
         **_decoder(
@@ -76,7 +81,7 @@ FAMILIES: dict[str, Callable[[], tf.PretrainedConfig]] = {
         )
     ),
     "phi": lambda: tf.PhiConfig(**_decoder()),
-    "phi3": lambda: tf.Phi3Config(**_decoder()),
+    "phi3": lambda: tf.Phi3Config(**_decoder(sliding_window=8)),
     "gpt2": lambda: tf.GPT2Config(**_GPT, **_IDS),
     "gpt_neox": lambda: tf.GPTNeoXConfig(**_decoder(num_key_value_heads=None)),
     "gptj": lambda: tf.GPTJConfig(**_GPT, rotary_dim=8, **_IDS),
@@ -91,9 +96,12 @@ FAMILIES: dict[str, Callable[[], tf.PretrainedConfig]] = {
         **_IDS,
     ),
     "olmo2": lambda: tf.Olmo2Config(**_decoder()),
-    "starcoder2": lambda: tf.Starcoder2Config(**_decoder(sliding_window=None)),
+    "starcoder2": lambda: tf.Starcoder2Config(**_decoder(sliding_window=8)),
     "granite": lambda: tf.GraniteConfig(**_decoder()),
     "cohere": lambda: tf.CohereConfig(**_decoder()),
+    "cohere2": lambda: tf.Cohere2Config(
+        **_decoder(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    ),
     "smollm3": lambda: tf.SmolLM3Config(**_decoder()),
     "stablelm": lambda: tf.StableLmConfig(**_decoder()),
 }
