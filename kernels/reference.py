@@ -25,12 +25,15 @@ def write_kv(
     ``slot_mapping[t] = block * block_size + offset``; slot -1 is skipped."""
     block_size = key_cache.shape[1]
     slots = slot_mapping.long()
-    keep = slots >= 0
-    if not bool(keep.all()):
+    if slots.numel() and int(slots.min()) < 0:
+        keep = slots >= 0
         slots, key, value = slots[keep], key[keep], value[keep]
-    blocks, offsets = slots // block_size, slots % block_size
-    key_cache[blocks, offsets] = key.to(key_cache.dtype)
-    value_cache[blocks, offsets] = value.to(value_cache.dtype)
+    blocks = slots // block_size
+    offsets = slots - blocks * block_size
+    if key.dtype != key_cache.dtype:
+        key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)
+    key_cache.index_put_((blocks, offsets), key)
+    value_cache.index_put_((blocks, offsets), value)
 
 
 def copy_blocks(
@@ -67,17 +70,16 @@ def gather_kv(
 
 
 def _gather_padded(
-    cache: torch.Tensor, block_tables: torch.Tensor, max_len: int, key_valid: torch.Tensor | None
+    cache: torch.Tensor, block_ids: torch.Tensor, max_len: int, key_valid: torch.Tensor | None
 ) -> torch.Tensor:
     """``[B, Hkv, max_len, D]`` copy of each sequence's keys (or values), gathered in one pass
     straight into the layout SDPA reads fastest on CPU: each (sequence, head)'s rows contiguous
     (strided rows cost SDPA more than the copy). With `key_valid` ``[B, max_len]``, slots past a
-    sequence's length are zeroed so stale data (even NaN) in unused slots cannot leak."""
-    num_seqs = block_tables.shape[0]
+    sequence's length are zeroed so stale data (even NaN) in unused slots cannot leak.
+    block_ids: ``[B, nb]`` int64, the first ``nb = cdiv(max_len, block_size)`` table columns."""
+    num_seqs, num_blocks = block_ids.shape
     _, block_size, num_kv_heads, head_dim = cache.shape
-    num_blocks = -(-max_len // block_size)
-    ids = block_tables[:, :num_blocks].reshape(-1).long()
-    by_head = cache.permute(2, 0, 1, 3).index_select(1, ids)  # [Hkv, B * nb, bs, D]
+    by_head = cache.permute(2, 0, 1, 3).index_select(1, block_ids.reshape(-1))  # [Hkv, B*nb, bs, D]
     padded = by_head.view(num_kv_heads, num_seqs, num_blocks * block_size, head_dim)
     padded = padded[:, :, :max_len].transpose(0, 1)  # [B, Hkv, L, D]
     if key_valid is not None:
@@ -116,8 +118,10 @@ def paged_attention(
     k_pos = torch.arange(max_len, device=device)
     ragged = min(lengths) < max_len
     key_valid = k_pos < seq_lens[:, None] if ragged else None  # [B, L]
-    keys = _gather_padded(key_cache, block_tables, max_len, key_valid)
-    values = _gather_padded(value_cache, block_tables, max_len, key_valid)
+    seq_lens = seq_lens.long()
+    block_ids = block_tables[:, : -(-max_len // key_cache.shape[1])].long()
+    keys = _gather_padded(key_cache, block_ids, max_len, key_valid)
+    values = _gather_padded(value_cache, block_ids, max_len, key_valid)
 
     # Queries: [B, Hq, M, D]; mask: None (all visible) or bool, broadcastable to [B, M, L].
     mask = None if key_valid is None else key_valid[:, None, :]
@@ -125,7 +129,7 @@ def paged_attention(
     if query_start_loc is None:  # decode: query i sits at seq_len_i - 1, causality is implied
         q = query[:, :, None]
         row_valid = None
-        q_pos = (seq_lens.long() - 1)[:, None]  # [B, 1]
+        q_pos = (seq_lens - 1)[:, None] if sliding_window is not None else None  # [B, 1]
     else:
         starts = query_start_loc.long()
         q_lens = starts[1:] - starts[:-1]
@@ -139,7 +143,7 @@ def paged_attention(
             padded_q = query.new_zeros(num_seqs, max_q, num_q_heads, head_dim)
             padded_q[row_valid] = query
         q = padded_q.transpose(1, 2)
-        q_pos = (seq_lens.long() - q_lens)[:, None] + rows  # [B, M]
+        q_pos = (seq_lens - q_lens)[:, None] + rows  # [B, M]
         plain_prefill = key_valid is None and all(n == max_len for n in q_len_list)
         if causal and plain_prefill and sliding_window is None and softcap is None:
             is_causal = True
