@@ -10,6 +10,11 @@ Public ops (each validates its arguments and dispatches to Triton or the torch r
 `reference` holds the same ops in pure torch (the CPU backend). Backend choice: the ``backend=``
 argument, then ``PAGEDKV_BACKEND``, then Triton for CUDA tensors (and for CPU tensors under
 ``TRITON_INTERPRET=1``), else torch; `trace_backends()` records which one ran.
+
+Launch configs: ``config=KernelConfig(...)`` (or a dict) on `paged_attention` / `write_kv`
+bypasses autotune; `set_tuned_config` / `load_tuned_configs` register configs by
+`config_key(head_dim=, block_size=, dtype=, mode=)`; `save_tuned_configs` writes those plus what
+autotune picked in this process. A ``tuned_configs.json`` beside this file is loaded if shipped.
 """
 
 from . import reference
