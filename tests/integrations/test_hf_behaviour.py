@@ -413,3 +413,22 @@ def test_attention_sinks_refused():
     with pytest.raises(ValueError, match=r"GptOssForCausalLM.*s_aux"):
         enable_paged_attention(model, block_size=BS)
     assert model.config._attn_implementation == impl and "generate" not in model.__dict__
+
+
+def test_probe_refuses_a_window_the_attention_does_not_get():
+    """A config that slides a window the attention call never receives: refuse, don't guess."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+    )
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match=r"layers \[0\] have a sliding window"):
+        enable_paged_attention(model, block_size=BS)
