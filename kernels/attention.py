@@ -409,7 +409,8 @@ def paged_attention(
     query ``[T, Hq, D]`` packed over B sequences; key_cache/value_cache
     ``[num_blocks, block_size, Hkv, D]`` (any strides; Hq % Hkv == 0, query head h reads kv head
     h // (Hq // Hkv)); block_tables ``[B, max_blocks]`` int32; seq_lens ``[B]`` int32 = keys in the
-    cache per sequence, the queries' own K/V included; query_start_loc ``[B + 1]`` int32
+    cache per sequence, the queries' own K/V included (at most max_blocks * block_size; only
+    the first cdiv(seq_len, block_size) entries of a table row are read); query_start_loc ``[B + 1]`` int32
     cumulative query counts, None for decode (T == B, one query per sequence).
 
     Sequence i's queries are its last q_len_i tokens: query j sits at position

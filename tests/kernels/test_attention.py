@@ -185,14 +185,15 @@ def test_empty_sequence_in_batch(make_paged):
     check(problem)
 
 
-def test_out_argument_and_strided_query(make_paged):
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["one-pass", "splitK3"])
+def test_out_argument_and_strided_query(make_paged, num_splits):
     problem = make_paged([10, 21], [4, 3], 4, 2, 64, 8, F32)
     wide = torch.randn(7, 4, 2 * 64)
     wide[:, :, :64] = problem.query
     problem.query = wide[:, :, :64]  # non-contiguous: stride 128 between heads
     out_storage = torch.full((7, 4, 3, 64), float("nan"))
     out = out_storage[:, :, 1]
-    result = check(problem, out=out)
+    result = check(problem, out=out, config={"num_splits": num_splits, "block_n": 32})
     assert result is out
     assert out_storage[:, :, [0, 2]].isnan().all()
 
