@@ -427,6 +427,7 @@ def write_png(results: dict, path: str) -> None:
     for bar, v in zip(bars, values):
         ax.annotate(f"{v:.2f}x", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
     ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.set_ylim(0, 1.15 * max([*values, *goals, 1.0]))
     ax.set_xticks(range(len(values)), labels)
     ax.set_ylabel("paged / stock (lower is better)")
     ax.set_title(f"pagedkv vs stock transformers ({results['device']}); dashes: goals")
