@@ -36,7 +36,14 @@ NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 WRITE_TOKENS = 4096
 COPY_LAYERS, COPY_PAIRS = 32, 64
 MOVE_GOAL = 0.80  # write_kv and copy_blocks, fraction of copy BW
-TOLERANCES = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# Max abs error allowed, relative to the largest |expected| (long contexts average many random
+# values, so outputs are small and a plain atol would pass anything).
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.float()
+    return ((out.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,10 +175,9 @@ def check_ops(device: torch.device, backend: str) -> int:
         )  # fmt: skip
         if out.isnan().any():
             fail(f"{name}: NaN in output (a poisoned slot was read)")
-        err = (out.float() - expected).abs().max().item()
-        tol = TOLERANCES[dtype]
-        if not torch.allclose(out.float(), expected, atol=tol, rtol=tol):
-            fail(f"{name}: max abs error {err:.3g} > tolerance {tol}")
+        err = relative_error(out, expected)
+        if err > TOLERANCES[dtype]:
+            fail(f"{name}: max error {err:.3g} of max |expected| > tolerance {TOLERANCES[dtype]}")
         checked += 1
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -289,10 +295,9 @@ def run_timings(device: torch.device, backend: str, *, smoke: bool) -> list[dict
 
         sdpa_row = record(f"decode SDPA contiguous {batch}x{context}", bench(sdpa), nbytes)
         expected = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-        expected = expected.view_as(out).float()
-        if not torch.allclose(out.float(), expected, atol=TOLERANCES[dtype], rtol=0.0):
-            err = (out.float() - expected).abs().max().item()
-            fail(f"timed decode {batch}x{context}: max abs error {err:.3g} vs SDPA")
+        err = relative_error(out, expected.view_as(out))
+        if err > TOLERANCES[dtype]:
+            fail(f"timed decode {batch}x{context}: max error {err:.3g} of max |SDPA| vs SDPA")
         paged_row["sdpa_ms"] = sdpa_row["ms"]
         del p, key, value, k, v
 
