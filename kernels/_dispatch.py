@@ -3,6 +3,7 @@
 Precedence: the op's ``backend=`` argument, then the ``PAGEDKV_BACKEND`` environment variable,
 then the default: Triton for CUDA tensors; for CPU tensors Triton only when the kernels were
 decorated under the Triton interpreter (``TRITON_INTERPRET=1`` before import), else torch.
+Without Triton installed, torch everywhere.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 from collections.abc import Iterator
 
 import torch
+
+from ._triton import HAS_TRITON
 
 BACKENDS = ("triton", "torch")
 ENV_VAR = "PAGEDKV_BACKEND"
@@ -26,6 +29,8 @@ _TRACE: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.Conte
 
 def triton_interpreted() -> bool:
     """True when the Triton kernels were decorated by the interpreter (they run on CPU tensors)."""
+    if not HAS_TRITON:
+        return False
     from triton.runtime.interpreter import InterpretedFunction
 
     from .write_kv import _write_kv_kernel
@@ -40,11 +45,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         backend = os.environ.get(ENV_VAR) or None
         source = f"{ENV_VAR}="
     if backend is None:
-        if device.type == "cuda":
+        if device.type == "cuda" and HAS_TRITON:
             return "triton"
         return "triton" if device.type == "cpu" and triton_interpreted() else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernels backend {source}{backend!r}; expected one of {BACKENDS}")
+    if backend == "triton" and not HAS_TRITON:
+        raise ValueError(f"{source}'triton' but Triton is not installed; use backend 'torch'")
     if backend == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(
             f"backend 'triton' on {device.type} tensors needs the Triton interpreter "

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import _dispatch, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_vector, check_tensor, next_power_of_2
+from ._triton import tl, triton
 
 
 # Kernels are laid out by hand: arguments grouped by role, one line of strides per tensor.

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,3 +225,42 @@ def test_launcher_uses_loaded_config_by_key(make_paged, monkeypatch, _clean_tune
 def test_choose_num_splits(num_programs, max_context, block_n, num_sms, expected):
     got = attention_module.choose_num_splits(num_programs, max_context, block_n, num_sms)
     assert got == expected
+
+
+NO_TRITON_SCRIPT = """
+import sys
+sys.modules["triton"] = None  # `import triton` now raises ImportError, as on macOS / Windows
+import torch
+from pagedkv import kernels
+assert not kernels.triton_interpreted()
+assert kernels.resolve_backend(None, torch.device("cpu")) == "torch"
+assert kernels.resolve_backend(None, torch.device("cuda")) == "torch"
+try:
+    kernels.resolve_backend("triton", torch.device("cpu"))
+except ValueError as e:
+    assert "Triton is not installed" in str(e), e
+else:
+    raise AssertionError("backend='triton' without Triton must fail")
+cache = torch.zeros(4, 8, 2, 64)
+key = torch.randn(3, 2, 64)
+with kernels.trace_backends() as calls:
+    kernels.write_kv(key, key, cache, cache, torch.tensor([0, 9, 17]))
+    out = kernels.paged_attention(torch.randn(1, 4, 64), cache, cache,
+                                  torch.tensor([[0, 1, 2]], dtype=torch.int32),
+                                  torch.tensor([18], dtype=torch.int32), scale=0.125)
+    kernels.copy_blocks([cache], [cache], torch.tensor([[0, 3]]))
+    k, _ = kernels.gather_kv(cache, cache, torch.tensor([[0, 1, 2]], dtype=torch.int32),
+                             torch.tensor([18], dtype=torch.int32))
+assert [b for _, b in calls] == ["torch"] * 4, calls
+assert torch.equal(k[[0, 9, 17]], key) and not out.isnan().any()
+print("ok")
+"""
+
+
+def test_imports_and_runs_without_triton():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PAGEDKV_BACKEND")}
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TRITON_SCRIPT], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
