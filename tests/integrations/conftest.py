@@ -160,6 +160,15 @@ def _torch_kernels(monkeypatch):
     monkeypatch.setenv("PAGEDKV_BACKEND", "torch")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are faster on one thread, and far faster on a busy 2-core CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_generate_tests(metafunc):
     if "family" in metafunc.fixturenames and not any(
         "family" in m.args[0] for m in metafunc.definition.iter_markers("parametrize")
