@@ -310,6 +310,13 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
         )
     if not kwargs.get("use_cache", gen_config.use_cache):
         return generate(*args, **kwargs)  # every forward then gets a transient cache
+    implementation = kwargs.get("cache_implementation", gen_config.cache_implementation)
+    if implementation is not None:
+        raise ValueError(
+            f"cache_implementation={implementation!r}: paged attention is enabled on this model, "
+            "so generate runs on a PagedCache; drop cache_implementation or call "
+            "disable_paged_attention(model) first"
+        )
     input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     if (
         not isinstance(input_ids, torch.Tensor)

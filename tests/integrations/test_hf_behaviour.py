@@ -432,3 +432,10 @@ def test_probe_refuses_a_window_the_attention_does_not_get():
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(ValueError, match=r"layers \[0\] have a sliding window"):
         enable_paged_attention(model, block_size=BS)
+
+
+def test_cache_implementation_conflict(llama, helpers):
+    ids, mask = helpers.padded_batch([5], seed=23)
+    enable_paged_attention(llama, block_size=BS)
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        _paged(llama, input_ids=ids, max_new_tokens=2, cache_implementation="static")
