@@ -439,3 +439,13 @@ def test_cache_implementation_conflict(llama, helpers):
     enable_paged_attention(llama, block_size=BS)
     with pytest.raises(ValueError, match="cache_implementation='static'"):
         _paged(llama, input_ids=ids, max_new_tokens=2, cache_implementation="static")
+
+
+def test_inputs_embeds(llama, helpers):
+    ids, mask = helpers.padded_batch([8, 5], seed=24)
+    embeds = llama.get_input_embeddings()(ids).detach()
+    kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5)
+    stock = _stock(llama, **kwargs)
+    manager = enable_paged_attention(llama, block_size=BS)
+    assert torch.equal(_paged(llama, **kwargs), stock)
+    assert manager.num_used_blocks == 0
