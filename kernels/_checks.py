@@ -21,12 +21,13 @@ def check_tensor(
     """`t` is a tensor of len(shape) dims (None = any size), one of `dtypes`, on `device`."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-    mismatch = t.dim() != len(shape) or any(
-        s is not None and s != a for s, a in zip(shape, t.shape, strict=True)
+    actual = t.shape
+    mismatch = len(actual) != len(shape) or any(
+        s is not None and s != a for s, a in zip(shape, actual, strict=True)
     )
     if mismatch:
-        raise ValueError(f"{name} has shape {list(t.shape)}, expected {expected}")
+        expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} has shape {list(actual)}, expected {expected}")
     if t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         actual = str(t.dtype).removeprefix("torch.")
@@ -40,21 +41,6 @@ def check_index_vector(t: object, name: str, *, length: int | None, device: torc
     check_tensor(t, name, shape=(length,), dtypes=INDEX_DTYPES, device=device)
     if t.dim() == 1 and t.numel() > 1 and t.stride(0) != 1:
         raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
-
-
-def check_same(name_a: str, a: object, name_b: str, b: object, what: str) -> None:
-    if a != b:
-        raise ValueError(f"{name_a} and {name_b} differ in {what}: {a} vs {b}")
-
-
-def check_head_dim(head_dim: int) -> None:
-    if head_dim < 1 or head_dim > 512:
-        raise ValueError(f"head_dim {head_dim} is outside the supported range 1..512")
-
-
-def check_block_size(block_size: int) -> None:
-    if block_size < 1 or block_size > 1024:
-        raise ValueError(f"block_size {block_size} is outside the supported range 1..1024")
 
 
 def next_power_of_2(n: int) -> int:

@@ -11,6 +11,7 @@ Keys name head_dim, block_size and dtype (and the attention mode), never token c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -64,16 +65,22 @@ class KernelConfig:
 
     def merged(self, defaults: KernelConfig) -> KernelConfig:
         """This config with its None fields taken from `defaults`."""
-        values = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            values[field.name] = getattr(defaults, field.name) if value is None else value
-        return KernelConfig(**values)
+        return _merged(self, defaults)
 
     def to_dict(self) -> dict[str, int]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+@functools.lru_cache(maxsize=1024)  # launchers merge on every launch; configs are frozen
+def _merged(config: KernelConfig, defaults: KernelConfig) -> KernelConfig:
+    values = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        values[field.name] = getattr(defaults, field.name) if value is None else value
+    return KernelConfig(**values)
+
+
+@functools.lru_cache(maxsize=1024)
 def config_key(
     *, head_dim: int, block_size: int, dtype: torch.dtype, mode: str | None = None
 ) -> str:

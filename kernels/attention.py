@@ -10,6 +10,7 @@ the partial results by log-sum-exp.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -370,12 +371,14 @@ def choose_num_splits(num_programs: int, max_context: int, block_n: int, num_sms
     return max(1, min(wanted, tiles // 4, 64))
 
 
+@functools.lru_cache(maxsize=64)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
 
 
+@functools.lru_cache(maxsize=1024)
 def _default_config(is_decode: bool, head_dim_pad: int, group_pad: int, fp32: bool) -> KernelConfig:
     """The config used without autotune (interpreter, or fields a partial config leaves open)."""
     if fp32:

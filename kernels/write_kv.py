@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -102,6 +103,7 @@ _write_kv_kernel_tuned = triton.autotune(
 )(_write_kv_kernel)
 
 
+@functools.lru_cache(maxsize=1024)
 def _default_config(num_kv_heads: int, head_dim: int) -> KernelConfig:
     head_dim_pad = next_power_of_2(head_dim)
     block_h = min(next_power_of_2(num_kv_heads), max(1, 2048 // head_dim_pad))
