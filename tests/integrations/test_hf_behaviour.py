@@ -165,12 +165,20 @@ def test_prefix_reuse_padded_batch_and_expansion(family, helpers):
         assert rec.widths[0] == width - 4
 
 
-def test_out_of_blocks_frees_the_call(llama, helpers):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({}, id="decode"),
+        pytest.param({"num_beams": 3}, id="beams"),
+        pytest.param({"prefill_chunk_size": 4}, id="chunked-prefill"),
+    ],
+)
+def test_out_of_blocks_frees_the_call(llama, helpers, extra):
     ids, mask = helpers.padded_batch([10, 8], seed=12)
     manager = enable_paged_attention(llama, block_size=BS, num_blocks=8)
     with pytest.raises(OutOfBlocksError, match="num_blocks") as info:
-        _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=20)
-    assert info.value.total == 8
+        _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=20, **extra)
+    assert info.value.total == 8 and info.value.needed > info.value.free
     assert manager.num_used_blocks == 0 and not list(manager), "the failed call left blocks"
     manager.check_invariants()
     disable_paged_attention(llama)
