@@ -335,12 +335,11 @@ class PagedCache(Cache):
         mask lines up: its pad columns are zeros here, its real columns are the row's tokens.
         """
         width = self._seen
-        if step.gather_index is None:
-            lens = [self.manager.seq_len(s) for s in self._rows]
-            if max(lens, default=0) > width:
-                raise RuntimeError(f"PagedCache rows hold {lens} tokens, more than width {width}")
-            index = [b * width + p for b, n in enumerate(lens) for p in range(width - n, width)]
-            step.gather_index = torch.tensor(index, dtype=torch.int64, device=step.seq_lens.device)
+        if step.gather_index is None:  # once per step, shared by all layers
+            lens = step.seq_lens.to(torch.int64)
+            pos = torch.arange(width, device=lens.device)
+            rows = torch.arange(step.batch, device=lens.device)[:, None] * width
+            step.gather_index = (rows + pos)[pos >= width - lens[:, None]]
         key, value = self.manager.cache.gather(layer_idx, step.block_tables, step.seq_lens)
         cfg = self.manager.config
         shape = (step.batch * width, cfg.num_kv_heads, cfg.head_dim)
