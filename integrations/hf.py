@@ -153,7 +153,7 @@ def _uses_registry(model: PreTrainedModel) -> bool:
     """Whether every sub-model's attention goes through transformers' AttentionInterface.
 
     transformers' own test (`_can_set_attn_implementation`: the modeling file calls
-    `ALL_ATTENTION_FUNCTIONS.get_interface`). falcon, bloom, mpt (and gptj before 5.24) do not:
+    `ALL_ATTENTION_FUNCTIONS.get_interface`). falcon, bloom, mpt (and gptj on 5.17) do not:
     their attention code reads K/V from `cache.update`, which then gathers them.
     """
     if model.config.is_encoder_decoder:
