@@ -561,7 +561,8 @@ def paged_attention(
         "BLOCK_Q": block_q,
         "NUM_SPLITS": num_splits,
         "IS_DECODE": is_decode,
-        "CAUSAL": bool(causal),
+        # a decode query is the sequence's last token: causality is implied by k < seq_len
+        "CAUSAL": bool(causal) and not is_decode,
         "USE_WINDOW": sliding_window is not None,
         "USE_SOFTCAP": softcap is not None,
         "FP32_DOT": fp32,

@@ -76,9 +76,9 @@ SCRIPT = textwrap.dedent(
     UNIT = {"stride_q_d": 1, "stride_kc_d": 1, "stride_vc_d": 1, "stride_o_d": 1, "stride_bt_n": 1}
     DECODE = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "GROUP": 4, "GROUP_PAD": 4,
               "BLOCK_M": 16, "BLOCK_Q": 4, "BLOCK_N": 64, "NUM_SPLITS": 1, "IS_DECODE": True,
-              "CAUSAL": True, "USE_WINDOW": False, "USE_SOFTCAP": False, "FP32_DOT": False,
+              "CAUSAL": False, "USE_WINDOW": False, "USE_SOFTCAP": False, "FP32_DOT": False,
               "WHILE_LOOP": False, **UNIT}
-    PREFILL = {**DECODE, "IS_DECODE": False, "BLOCK_M": 64, "BLOCK_Q": 16}
+    PREFILL = {**DECODE, "IS_DECODE": False, "CAUSAL": True, "BLOCK_M": 64, "BLOCK_Q": 16}
     variants = [
         ("*bf16", DECODE, 3),
         ("*bf16", {**DECODE, "NUM_SPLITS": 32}, 3),
