@@ -191,18 +191,26 @@ def _softcap_attention(
     *,
     scale: float,
     softcap: float,
+    max_scores: int = 1 << 24,
 ) -> torch.Tensor:
     """fp32 attention with Gemma-2 logit softcapping. q ``[B, Hq, M, D]``, k/v ``[B, Hkv, L, D]``,
     mask None or broadcastable to ``[B, M, L]``; returns ``[B, Hq, M, D]`` (rows with no
-    visible key are NaN)."""
+    visible key are NaN). Query rows go in chunks of at most `max_scores` fp32 scores (64 MB),
+    so a long prompt does not materialise all B x Hq x M x L scores at once."""
     batch, num_q_heads, rows, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    num_kv_heads, keys = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
     qg = q.float().reshape(batch, num_kv_heads, group, rows, head_dim)
-    scores = qg @ k.float()[:, :, None].transpose(-1, -2) * scale  # [B, Hkv, G, M, L]
-    scores = softcap * torch.tanh(scores / softcap)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    o = probs @ v.float()[:, :, None]  # [B, Hkv, G, M, D]
-    return o.reshape(batch, num_q_heads, rows, head_dim).to(q.dtype)
+    kt = k.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, 1, D, L]
+    vf = v.float()[:, :, None]  # [B, Hkv, 1, L, D]
+    out = torch.empty(batch, num_kv_heads, group, rows, head_dim, device=q.device)
+    chunk = max(1, max_scores // max(1, batch * num_q_heads * keys))
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        scores = qg[:, :, :, start:stop] @ kt * scale  # [B, Hkv, G, chunk, L]
+        scores = softcap * torch.tanh(scores / softcap)
+        if mask is not None:
+            rows_mask = mask[:, start:stop] if mask.shape[1] > 1 else mask
+            scores = scores.masked_fill(~rows_mask[:, None, None], float("-inf"))
+        out[:, :, :, start:stop] = torch.softmax(scores, dim=-1) @ vf
+    return out.reshape(batch, num_q_heads, rows, head_dim).to(q.dtype)

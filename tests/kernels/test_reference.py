@@ -185,3 +185,16 @@ def test_reference_copy_blocks_every_layer():
     for cache, old in zip(layers, before, strict=True):
         assert torch.equal(cache[4], old[1]) and torch.equal(cache[5], old[2])
         assert torch.equal(cache[:4], old[:4])
+
+
+def test_softcap_attention_chunks_rows():
+    """Long prompts go through the softcap path in row chunks; chunking changes nothing."""
+    from pagedkv.kernels.reference import _softcap_attention
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 37, 64, generator=gen)
+    k, v = torch.randn(2, 2, 50, 64, generator=gen), torch.randn(2, 2, 50, 64, generator=gen)
+    for mask in (torch.rand(2, 37, 50, generator=gen) > 0.3, torch.rand(2, 1, 50) > 0.3, None):
+        whole = _softcap_attention(q, k, v, mask, scale=0.1, softcap=5.0)
+        chunked = _softcap_attention(q, k, v, mask, scale=0.1, softcap=5.0, max_scores=4000)
+        torch.testing.assert_close(chunked, whole, equal_nan=True)
