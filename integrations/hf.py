@@ -340,6 +340,11 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
                 mask = _infer_attention_mask(input_ids, gen_config, kwargs)
                 kwargs["attention_mask"] = mask
             host_ids, host_mask = input_ids.cpu(), mask.cpu().bool()
+            if bool((host_mask[:, 1:] < host_mask[:, :-1]).any()):
+                raise ValueError(
+                    "pagedkv needs left padding (pads before the tokens); the attention_mask has "
+                    "a 0 after a 1. Use tokenizer.padding_side = 'left'."
+                )
             prompts = [row[m].tolist() for row, m in zip(host_ids, host_mask, strict=True)]
             pads = (~host_mask).sum(1).tolist()
             # chunked prefill restarts from column 0 on some transformers versions (5.17)
