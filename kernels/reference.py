@@ -72,19 +72,22 @@ def gather_kv(
 def _gather_padded(
     cache: torch.Tensor, block_ids: torch.Tensor, max_len: int, key_valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """``[B, Hkv, max_len, D]`` copy of each sequence's keys (or values), gathered in one pass
-    straight into the layout SDPA reads fastest on CPU: each (sequence, head)'s rows contiguous
-    (strided rows cost SDPA more than the copy). With `key_valid` ``[B, max_len]``, slots past a
-    sequence's length are zeroed so stale data (even NaN) in unused slots cannot leak.
-    block_ids: ``[B, nb]`` int64, the first ``nb = cdiv(max_len, block_size)`` table columns."""
+    """``[B, Hkv, max_len, D]`` contiguous copy of each sequence's keys (or values).
+
+    block_ids: ``[B, nb]`` int64, the first ``nb = cdiv(max_len, block_size)`` table columns.
+    Whole blocks are gathered along dim 0 (each block of a strided per-layer pool view is one
+    contiguous span, so this costs O(blocks gathered); indexing another dim of the view would
+    walk the whole pool), then laid out with each (sequence, head)'s rows contiguous, which SDPA
+    reads fastest on CPU. With `key_valid` ``[B, max_len]``, only the slots past a sequence's
+    length are zeroed, so stale data (even NaN) there cannot leak into the result.
+    """
     num_seqs, num_blocks = block_ids.shape
     _, block_size, num_kv_heads, head_dim = cache.shape
-    by_head = cache.permute(2, 0, 1, 3).index_select(1, block_ids.reshape(-1))  # [Hkv, B*nb, bs, D]
-    padded = by_head.view(num_kv_heads, num_seqs, num_blocks * block_size, head_dim)
-    padded = padded[:, :, :max_len].transpose(0, 1)  # [B, Hkv, L, D]
+    blocks = cache.index_select(0, block_ids.reshape(-1))  # [B * nb, bs, Hkv, D]
+    padded = blocks.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_len]
     if key_valid is not None:
-        padded.masked_fill_(~key_valid[:, None, :, None], 0)
-    return padded
+        padded[~key_valid] = 0  # the tail rows only
+    return padded.transpose(1, 2).contiguous()
 
 
 def paged_attention(
