@@ -278,10 +278,13 @@ class PagedCache(Cache):
             step.counted = True
             self._seen += step.q_len
 
-    def end_forward(self) -> None:
-        if self._step is not None:
-            self._count(self._step)
-        self.last_step, self._step = self._step, None
+    def end_forward(self) -> bool:
+        """Close the step; returns whether every layer stored its K/V (False: it failed)."""
+        step = self._step
+        if step is not None:
+            self._count(step)
+        self.last_step, self._step = step, None
+        return step is None or len(step.written) == self.manager.config.num_layers
 
     def _current(self) -> _Step:
         if self._step is None:

@@ -457,3 +457,23 @@ def test_inputs_embeds(llama, helpers):
     manager = enable_paged_attention(llama, block_size=BS)
     assert torch.equal(_paged(llama, **kwargs), stock)
     assert manager.num_used_blocks == 0
+
+
+def test_failed_forward_leaves_no_stale_prefix(llama, helpers):
+    """A forward that dies after reserving slots must not leave unwritten blocks findable."""
+    prompt = torch.randint(3, 90, (1, 13), generator=torch.Generator().manual_seed(25))
+    stock = _stock(llama, input_ids=prompt, max_new_tokens=4)
+    manager = enable_paged_attention(llama, block_size=BS)
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    handle = llama.model.layers[1].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        _paged(llama, input_ids=prompt, max_new_tokens=4)
+    handle.remove()
+    assert manager.num_used_blocks == 0 and manager.stats.num_cached_blocks == 0
+    rec = _Recorder(llama, manager)
+    assert torch.equal(_paged(llama, input_ids=prompt, max_new_tokens=4), stock)
+    rec.remove()
+    assert rec.widths[0] == 13, "nothing stale was reused"
