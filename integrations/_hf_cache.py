@@ -6,7 +6,7 @@ pads are never stored (slot -1). Per forward pass, `begin_forward` (called by th
 pre-hook with the attention mask) reserves the slots of every row once; then each layer's
 `update` writes its new K/V with one `write_kv` and `attend` runs `paged_attention` on the
 blocks. Nothing is gathered and no tensor grows. (Models whose attention bypasses transformers'
-registry get contiguous K/V from `update` instead, through `gather_kv`: see `begin_forward`.)
+registry get contiguous K/V from `update` instead, through `gather_kv`: see `_gathered`.)
 
 Queries are packed `[batch * q_len, heads, head_dim]` with `q_len` queries per row, so a row's
 left pads are queries before its first real token: when nothing precedes them they see no key
