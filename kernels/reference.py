@@ -72,22 +72,24 @@ def gather_kv(
 def _gather_padded(
     cache: torch.Tensor, block_ids: torch.Tensor, max_len: int, key_valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """``[B, Hkv, max_len, D]`` contiguous copy of each sequence's keys (or values).
+    """``[B, Hkv, max_len, D]`` view of a fresh copy of each sequence's keys (or values).
 
     block_ids: ``[B, nb]`` int64, the first ``nb = cdiv(max_len, block_size)`` table columns.
-    Whole blocks are gathered along dim 0 (each block of a strided per-layer pool view is one
-    contiguous span, so this costs O(blocks gathered); indexing another dim of the view would
-    walk the whole pool), then laid out with each (sequence, head)'s rows contiguous, which SDPA
-    reads fastest on CPU. With `key_valid` ``[B, max_len]``, only the slots past a sequence's
-    length are zeroed, so stale data (even NaN) there cannot leak into the result.
+    Whole blocks are gathered along dim 0: each block of a strided per-layer pool view is one
+    contiguous span, so this costs O(blocks gathered) (indexing another dim of the view would
+    walk the whole pool). The result is a transposed view (rows ``Hkv * D`` apart): CPU SDPA
+    reads it about as fast as a contiguous copy, which would cost more than it saves. With
+    `key_valid` ``[B, max_len]``, only the slots past a sequence's length are zeroed, so stale
+    data (even NaN) there cannot leak into the result.
     """
     num_seqs, num_blocks = block_ids.shape
     _, block_size, num_kv_heads, head_dim = cache.shape
     blocks = cache.index_select(0, block_ids.reshape(-1))  # [B * nb, bs, Hkv, D]
     padded = blocks.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_len]
     if key_valid is not None:
-        padded[~key_valid] = 0  # the tail rows only
-    return padded.transpose(1, 2).contiguous()
+        seq_idx, pos_idx = (~key_valid).nonzero(as_tuple=True)
+        padded[seq_idx, pos_idx] = 0  # the tail rows only, not a pass over everything
+    return padded.transpose(1, 2)
 
 
 def paged_attention(
