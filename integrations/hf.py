@@ -304,8 +304,11 @@ def _post_forward(state: _PagedState, module, args, output):
 
 # ---- generate -------------------------------------------------------------------------------
 def _paged_generate(state: _PagedState, generate, *args, **kwargs):
-    if any(kwargs.get(k) is not None for k in _CACHE_KEYS):
-        return generate(*args, **kwargs)  # the caller's own cache: they own its lifetime
+    user_cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+    if user_cache is not None and not (
+        isinstance(user_cache, PagedCache) and not user_cache.seq_ids
+    ):
+        return generate(*args, **kwargs)  # a cache in use: continue it as it is
     gen_config = kwargs.get("generation_config")
     if gen_config is None:
         gen_config = (
@@ -330,10 +333,11 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
     ):
         input_ids = None  # no token ids to look up: no prefix reuse
 
-    # An assistant model's generate is called again and again with the cache it returned, so
-    # that cache outlives the call (it is freed when dropped); any other call frees its own.
-    keep = bool(getattr(gen_config, "is_assistant", False))
-    cache = PagedCache(state.manager)
+    # The caller's (empty) PagedCache is theirs to keep; so is an assistant model's, whose
+    # generate is called again and again with the cache it returned (freed when dropped). A
+    # cache made here is freed when the call ends. On an error every row is freed.
+    keep = user_cache is not None or bool(getattr(gen_config, "is_assistant", False))
+    cache = user_cache if user_cache is not None else PagedCache(state.manager)
     for key in _CACHE_KEYS:
         kwargs.pop(key, None)
     kwargs[state.cache_kwarg] = cache

@@ -217,9 +217,15 @@ def test_explicit_paged_cache_and_continuation(llama, helpers):
     )
 
     manager = enable_paged_attention(llama, block_size=BS)
+    _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=1)  # caches the prompts
     cache = PagedCache(manager)
+    rec = _Recorder(llama, manager)
     paged1 = _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=5, **{key: cache})
+    rec.remove()
     assert torch.equal(paged1, stock1)
+    # an empty PagedCache also starts from cached prefixes: row 0 (no pads) holds 4 of its 8
+    # tokens, row 1 (2 pads) 4 of 6, so transformers starts at column min(0 + 4, 2 + 4) = 4
+    assert rec.widths[0] == 8 - 4
     assert manager.num_used_blocks > 0, "the caller's cache keeps its blocks"
     assert cache.get_seq_length() == 8 + 4  # padded width + tokens fed
     paged2 = _paged(llama, input_ids=paged1, attention_mask=mask2, max_new_tokens=5, **{key: cache})
