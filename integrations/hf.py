@@ -14,10 +14,10 @@
    arguments (or makes a transient one), reserves this step's slots from the attention mask,
    and opens the forward context the attention reads when a model does not pass `kwargs` to
    `cache.update`; the hook closes it;
-3. replaces the instance's `generate`: a call without a cache gets a `PagedCache` whose rows
-   start from the longest cached prefix of their prompts (transformers computes only the rest),
-   and whose full blocks (prompt + answer) are registered for reuse when the call ends. Its
-   blocks are freed when the call ends, whether it returns or raises.
+3. replaces the instance's `generate`: a call without a cache (or with an empty `PagedCache`)
+   gets rows that start from the longest cached prefix of their prompts (transformers computes
+   only the rest), and whose full blocks (prompt + answer) are registered for reuse when the
+   call ends. A cache the hook made is freed when the call ends, whether it returns or raises.
 
 A one-token probe forward at enable time checks that every layer stores its K/V in the paged
 cache (and attends through pagedkv), so an unsupported model fails there, naming itself and the
