@@ -103,6 +103,11 @@ class PagedCache(Cache):
         self._seen = 0  # columns fed (transformers' view of the length; pads included)
         self._step: _Step | None = None
         self.last_step: _Step | None = None  # the latest finished forward's step (inspection)
+        # Token bookkeeping for `row_tokens` (None = not recorded): each row's tokens cached at
+        # the start, then ("feed", input_ids, new tokens per row) / ("perm", source rows) /
+        # ("crop", n) in order. Replayed once, at the end of a generate call.
+        self._base: list[list[int]] | None = None
+        self._history: list[tuple] | None = None
         self._finalizer = weakref.finalize(self, _free_rows, manager, self._rows)
 
     # ---- sequences ------------------------------------------------------------------------
@@ -152,7 +157,30 @@ class PagedCache(Cache):
         start = min((p + c for p, c in zip(num_pads, cached, strict=True)), default=0)
         self._fed[:] = [max(0, start - p) for p in num_pads]
         self._seen = start
+        self._base = [list(t[:c]) for t, c in zip(prompts, cached, strict=True)]
+        self._history = []
         return cached
+
+    def row_tokens(self) -> list[list[int]] | None:
+        """The token ids each row holds, when every step's tokens were recorded, else None.
+
+        Recorded from `allocate_prompts` on, for forwards that receive `input_ids`; the generate
+        hook uses it to register the full blocks of every row, beams included, for reuse.
+        """
+        if self._history is None or self._base is None:
+            return None
+        rows = [list(b) for b in self._base]
+        for entry in self._history:
+            if entry[0] == "perm":
+                rows = [list(rows[j]) for j in entry[1]]
+            elif entry[0] == "crop":
+                rows = [r[: max(0, len(r) - entry[1])] for r in rows]
+            else:
+                ids, new = entry[1].tolist(), entry[2]
+                for row, row_ids, n in zip(rows, ids, new, strict=True):
+                    if n:
+                        row.extend(row_ids[len(row_ids) - n :])
+        return rows
 
     def free(self) -> None:
         """Release every row's blocks (registered prefix blocks stay reusable)."""
@@ -160,6 +188,7 @@ class PagedCache(Cache):
         self._fed.clear()
         self._seen = 0
         self._step = None
+        self._base = self._history = None
 
     # ---- one forward pass -----------------------------------------------------------------
     def begin_forward(
@@ -169,14 +198,22 @@ class PagedCache(Cache):
         q_len: int,
         *,
         gather: bool = False,
+        input_ids: torch.Tensor | None = None,
     ) -> None:
         """Reserve this forward's slots (all layers) and build its block tables and lengths.
 
         With `gather`, `update` returns each layer's K/V as contiguous left-padded tensors for
         a model whose own attention code reads them (falcon, bloom, mpt: outside the registry).
+        `input_ids` (`[batch, q_len]`), when known, feed the token record of `row_tokens`.
         """
         if self._step is not None:
             raise RuntimeError("PagedCache: a forward pass is already in flight on this cache")
+        if attention_mask is not None and attention_mask.shape[-1] != self._seen + q_len:
+            raise RuntimeError(
+                f"the forward feeds {q_len} new columns with an attention mask of width "
+                f"{attention_mask.shape[-1]}, but the cache holds {self._seen} columns; "
+                f"expected a mask of width {self._seen + q_len} (were cached tokens fed again?)"
+            )
         mgr = self.manager
         if not self._rows:
             for _ in range(batch):
@@ -233,6 +270,13 @@ class PagedCache(Cache):
             rows[:] = grown
             fed = [f for f in fed for _ in range(expand)]
         self._fed[:] = fed
+        if self._history is not None:
+            if input_ids is None or tuple(input_ids.shape) != (batch, q_len):
+                self._history = None  # tokens unknown from here on: stop recording
+            else:
+                if expand > 1:
+                    self._history.append(("perm", [i // expand for i in range(batch)]))
+                self._history.append(("feed", input_ids, [n for n in new for _ in range(expand)]))
         device = slots.device
         self._step = _Step(
             slot_mapping=slots,
@@ -393,6 +437,8 @@ class PagedCache(Cache):
         src = [int(i) for i in beam_idx.tolist()]
         self.manager.reorder(self._rows, src)
         self._fed[:] = [self._fed[i] for i in src]
+        if self._history is not None:
+            self._history.append(("perm", src))
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` tokens (a positive value is the legacy new length)."""
@@ -404,6 +450,8 @@ class PagedCache(Cache):
             self.manager.truncate(seq_id, max(0, self.manager.seq_len(seq_id) - remove))
         self._fed[:] = [max(0, f - remove) for f in self._fed]
         self._seen = max(0, self._seen - remove)
+        if self._history is not None:
+            self._history.append(("crop", remove))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.batch_select_indices(torch.arange(len(self._rows)).repeat_interleave(repeats))
@@ -426,6 +474,8 @@ class PagedCache(Cache):
                 self.manager.free(seq_id)
         self._rows[:] = new_rows
         self._fed[:] = [fed[i] for i in picked]
+        if self._history is not None:
+            self._history.append(("perm", picked))
 
     def reset(self) -> None:
         self.free()

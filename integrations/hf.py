@@ -274,8 +274,15 @@ def _pre_forward(state: _PagedState, module, args, kwargs):
         inputs = args[0]
     if inputs is None:
         raise ValueError("pagedkv needs input_ids or inputs_embeds to size the step")
+    token_ids = kwargs.get("input_ids", args[0] if args else None)
     cache.begin_forward(
-        kwargs.get("attention_mask"), inputs.shape[0], inputs.shape[1], gather=state.gather
+        kwargs.get("attention_mask"),
+        inputs.shape[0],
+        inputs.shape[1],
+        gather=state.gather,
+        input_ids=token_ids
+        if isinstance(token_ids, torch.Tensor) and token_ids.ndim == 2
+        else None,
     )
     state.in_flight.append((cache, set_forward_cache(cache), transient))
     return args, kwargs
@@ -355,14 +362,10 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
                 )
             prompts = [row[m].tolist() for row, m in zip(host_ids, host_mask, strict=True)]
             pads = (~host_mask).sum(1).tolist()
-            # chunked prefill restarts from column 0 on some transformers versions (5.17)
-            chunked = kwargs.get(
-                "prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None)
-            )
-            cache.allocate_prompts(prompts, pads, reuse=chunked is None)
+            cache.allocate_prompts(prompts, pads, reuse=_starts_from_cache(gen_config, kwargs))
         out = generate(*args, **kwargs)
         if input_ids is not None:
-            _register_blocks(cache, out, prompts, input_ids.shape[1], gen_config, kwargs)
+            _register_blocks(cache)
     except OutOfBlocksError as err:
         cache.free()
         cfg = state.manager.config
@@ -385,6 +388,27 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
     return out
 
 
+def _starts_from_cache(gen_config, kwargs) -> bool:
+    """Whether this generate call feeds only the columns after a pre-filled cache.
+
+    Not so for chunked prefill on transformers 5.17 (chunks restart at column 0), nor for
+    assisted decoding and prompt lookup (their first forward feeds the whole prompt).
+    """
+
+    def setting(name):
+        return kwargs.get(name, getattr(gen_config, name, None))
+
+    return all(
+        setting(name) is None
+        for name in (
+            "prefill_chunk_size",
+            "assistant_model",
+            "prompt_lookup_num_tokens",
+            "assistant_early_exit",
+        )
+    )
+
+
 def _infer_attention_mask(input_ids: torch.Tensor, gen_config, kwargs) -> torch.Tensor:
     """transformers' rule: pads are `pad_token_id` tokens, unless pad is also an eos token."""
     pad = kwargs.get("pad_token_id", gen_config.pad_token_id)
@@ -395,23 +419,12 @@ def _infer_attention_mask(input_ids: torch.Tensor, gen_config, kwargs) -> torch.
     return input_ids.ne(pad).long()
 
 
-def _register_blocks(cache: PagedCache, out, prompts, prompt_width, gen_config, kwargs) -> None:
-    """Hash the full blocks of each row (prompt + answer) so later calls reuse them."""
-    sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
-    rows = cache.seq_ids
-    if not rows:
-        return
-    expand = len(rows) // len(prompts)
-    num_beams = kwargs.get("num_beams", gen_config.num_beams) or 1
-    answers_match_rows = (
-        num_beams == 1 and sequences is not None and sequences.shape[0] == len(rows)
-    )
-    answers = sequences[:, prompt_width:].cpu().tolist() if answers_match_rows else None
+def _register_blocks(cache: PagedCache) -> None:
+    """Hash the full blocks of every row (prompt + answer, beams too) for later calls."""
+    tokens = cache.row_tokens()
+    if tokens is None:
+        return  # some step's tokens are unknown (e.g. fed as embeddings)
     mgr = cache.manager
-    for i, seq_id in enumerate(rows):
-        tokens = list(prompts[i // expand])
-        if answers is not None:
-            tokens += answers[i]
-        elif i % expand:
-            continue  # beams: rows were reordered; register each prompt once
-        mgr.register_prefix(seq_id, tokens[: mgr.seq_len(seq_id)], extra_key=cache.extra_key)
+    for seq_id, row in zip(cache.seq_ids, tokens, strict=True):
+        if len(row) == mgr.seq_len(seq_id):  # the record matches what the row holds
+            mgr.register_prefix(seq_id, row, extra_key=cache.extra_key)

@@ -483,3 +483,54 @@ def test_failed_forward_leaves_no_stale_prefix(llama, helpers):
     assert torch.equal(_paged(llama, input_ids=prompt, max_new_tokens=4), stock)
     rec.remove()
     assert rec.widths[0] == 13, "nothing stale was reused"
+
+
+@pytest.mark.parametrize(
+    ("mode", "turn2_mode"),
+    [
+        pytest.param({"num_beams": 3}, {"num_beams": 3}, id="beams"),
+        pytest.param(
+            {"do_sample": True, "num_return_sequences": 3, "seed": 4},
+            {"do_sample": True, "num_return_sequences": 2, "seed": 5},
+            id="samples",
+        ),
+        # assisted decoding and chunked prefill re-feed the whole prompt in their first forward,
+        # so their calls do not start from the prefix cache; a later plain call does
+        pytest.param({"prompt_lookup_num_tokens": 2}, {}, id="prompt-lookup"),
+        pytest.param({"prefill_chunk_size": 4}, {}, id="chunked-prefill"),
+    ],
+)
+def test_turn_two_reuses_the_answer(llama, mode, turn2_mode):
+    """Every row's prompt + answer blocks are registered, beams and crops included."""
+    pattern = [5, 17, 33, 8, 41, 12, 9]
+    prompt = torch.tensor([pattern + pattern[:3]])  # 10 tokens, repetitive for prompt lookup
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8)  # no early eos
+    stock1 = _stock(llama, input_ids=prompt, **kwargs, **mode)
+    turn2 = torch.cat([stock1[:1], torch.tensor([[21, 22, 23]])], dim=1)
+    mask2 = torch.ones_like(turn2)
+    stock2 = _stock(llama, input_ids=turn2, attention_mask=mask2, **kwargs, **turn2_mode)
+
+    manager = enable_paged_attention(llama, block_size=BS)
+    assert torch.equal(_paged(llama, input_ids=prompt, **kwargs, **mode), stock1)
+    rec = _Recorder(llama, manager)
+    paged2 = _paged(llama, input_ids=turn2, attention_mask=mask2, **kwargs, **turn2_mode)
+    rec.remove()
+    assert torch.equal(paged2, stock2)
+    stored = stock1.shape[1] - 1  # turn 1's row 0 holds all but its last token
+    cached = min(stored // BS, (turn2.shape[1] - 1) // BS) * BS
+    assert rec.widths[0] == turn2.shape[1] - cached, (rec.widths[0], turn2.shape[1], cached)
+
+
+def test_assisted_call_does_not_start_from_the_cache(llama):
+    """Prompt lookup feeds the whole prompt first: a cached prefix must not be counted twice."""
+    pattern = [5, 17, 33, 8, 41, 12, 9]
+    prompt = torch.tensor([pattern * 2 + pattern[:3]])
+    kwargs = dict(max_new_tokens=8, prompt_lookup_num_tokens=2, output_logits=True)
+    kwargs["return_dict_in_generate"] = True
+    stock = _stock(llama, input_ids=prompt, **kwargs)
+    enable_paged_attention(llama, block_size=BS)
+    _paged(llama, input_ids=prompt, max_new_tokens=2)  # caches the prompt's blocks
+    paged = _paged(llama, input_ids=prompt, **kwargs)
+    assert torch.equal(paged.sequences, stock.sequences)
+    for a, b in zip(paged.logits, stock.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
