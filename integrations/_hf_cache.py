@@ -199,12 +199,14 @@ class PagedCache(Cache):
         *,
         gather: bool = False,
         input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> None:
         """Reserve this forward's slots (all layers) and build its block tables and lengths.
 
         With `gather`, `update` returns each layer's K/V as contiguous left-padded tensors for
         a model whose own attention code reads them (falcon, bloom, mpt: outside the registry).
-        `input_ids` (`[batch, q_len]`), when known, feed the token record of `row_tokens`.
+        `input_ids` (`[batch, q_len]`), when known, feed the token record of `row_tokens`;
+        `position_ids`, when known, are checked against the rows on multi-token steps.
         """
         if self._step is not None:
             raise RuntimeError("PagedCache: a forward pass is already in flight on this cache")
@@ -228,6 +230,8 @@ class PagedCache(Cache):
             )
         expand = batch // len(rows)  # generate repeats prompts for beams / return sequences
         real = self._real_tokens(attention_mask, q_len, expand)
+        if position_ids is not None and q_len > 1:
+            self._check_positions(position_ids, q_len, expand, real)
         new = [
             max(0, f + r - mgr.seq_len(s)) for s, f, r in zip(rows, self._fed, real, strict=True)
         ]
@@ -311,6 +315,28 @@ class PagedCache(Cache):
                 "a 0 after a 1. Use tokenizer.padding_side = 'left'."
             )
         return window.sum(1).tolist()
+
+    def _check_positions(
+        self, position_ids: torch.Tensor, q_len: int, expand: int, real: list[int]
+    ) -> None:
+        """Each row's first new real token must sit right after the real tokens fed so far.
+
+        Catches a caller that feeds again tokens the cache holds (as a pre-filled cache given
+        to a generate mode that ignores it would): that would be silently wrong otherwise.
+        """
+        if position_ids.ndim != 2 or position_ids.shape[-1] < q_len:
+            return  # e.g. multimodal 3-D positions: not ours to interpret
+        first = position_ids[:, -q_len:].to("cpu")
+        if first.shape[0] == 1:
+            first = first.expand(len(self._rows) * expand, -1)
+        first = first[::expand]
+        for b, (fed, r) in enumerate(zip(self._fed, real, strict=True)):
+            if r and int(first[b, q_len - r]) != fed:
+                raise RuntimeError(
+                    f"row {b}: the forward's first new token has position "
+                    f"{int(first[b, q_len - r])}, but the cache holds {fed} tokens of that row "
+                    "(tokens fed again, or positions that do not follow the cache)"
+                )
 
     def _count(self, step: _Step) -> None:
         """Add the step's columns to the length transformers sees.

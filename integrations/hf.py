@@ -275,14 +275,15 @@ def _pre_forward(state: _PagedState, module, args, kwargs):
     if inputs is None:
         raise ValueError("pagedkv needs input_ids or inputs_embeds to size the step")
     token_ids = kwargs.get("input_ids", args[0] if args else None)
+    if not (isinstance(token_ids, torch.Tensor) and token_ids.ndim == 2):
+        token_ids = None
     cache.begin_forward(
         kwargs.get("attention_mask"),
         inputs.shape[0],
         inputs.shape[1],
         gather=state.gather,
-        input_ids=token_ids
-        if isinstance(token_ids, torch.Tensor) and token_ids.ndim == 2
-        else None,
+        input_ids=token_ids,
+        position_ids=kwargs.get("position_ids"),
     )
     state.in_flight.append((cache, set_forward_cache(cache), transient))
     return args, kwargs

@@ -101,3 +101,16 @@ def test_cache_flags():
     assert cache.get_seq_length() == 0 and cache.batch_size == -1
     with pytest.raises(TypeError, match="KVCacheManager"):
         PagedCache(cfg)
+
+
+def test_refed_tokens_are_caught(manager):
+    """Columns the cache holds fed again: wrong mask width or positions raise, not corrupt."""
+    cache = PagedCache(manager)
+    _step(cache, 1, 6)
+    with pytest.raises(RuntimeError, match="width 6"):
+        cache.begin_forward(torch.ones(1, 6, dtype=torch.long), 1, 6)
+    with pytest.raises(RuntimeError, match="position 0, but the cache holds 6"):
+        cache.begin_forward(None, 1, 3, position_ids=torch.arange(3)[None])
+    cache.begin_forward(None, 1, 3, position_ids=torch.arange(6, 9)[None])  # follows: fine
+    cache.end_forward()
+    assert _lens(cache) == [9]
