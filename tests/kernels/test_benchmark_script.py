@@ -14,6 +14,7 @@ SCRIPT = pathlib.Path(__file__).parents[2] / "examples" / "benchmark_kernels.py"
 
 def test_benchmark_script_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PAGEDKV_BACKEND")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, also on a GPU machine
     out = tmp_path / "results.json"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--json", str(out)],
