@@ -361,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="write the configs autotune picked (load with load_tuned_configs)",
     )
+    parser.add_argument(
+        "--check-only",
+        action="store_true",
+        help="check correctness against the reference, skip timing",
+    )
     parser.add_argument("--smoke", action="store_true",
                         help="run the timing code on tiny shapes on any device (numbers "
                         "meaningless; checks the script itself)")  # fmt: skip
@@ -382,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
 
     output: dict = {"device": str(device), "backend": backend, "checks_passed": checked}
-    if device.type == "cuda" or args.smoke:
+    if args.check_only:
+        print("timing skipped (--check-only)")
+    elif device.type == "cuda" or args.smoke:
         results = run_timings(device, backend, smoke=args.smoke or device.type != "cuda")
         report(results)
         output["results"] = results
