@@ -216,64 +216,29 @@ class PagedCache(Cache):
                 f"{attention_mask.shape[-1]}, but the cache holds {self._seen} columns; "
                 f"expected a mask of width {self._seen + q_len} (were cached tokens fed again?)"
             )
-        mgr = self.manager
         if not self._rows:
             for _ in range(batch):
                 seq_id = self._new_id()
-                mgr.allocate(seq_id, extra_key=self.extra_key)
+                self.manager.allocate(seq_id, extra_key=self.extra_key)
                 self._rows.append(seq_id)
                 self._fed.append(0)
-        rows = self._rows
-        if batch % len(rows):
+        if batch % len(self._rows):
             raise ValueError(
-                f"PagedCache holds {len(rows)} rows but the forward has batch size {batch}"
+                f"PagedCache holds {len(self._rows)} rows but the forward has batch size {batch}"
             )
-        expand = batch // len(rows)  # generate repeats prompts for beams / return sequences
+        expand = batch // len(self._rows)  # generate repeats prompts for beams / return seqs
         real = self._real_tokens(attention_mask, q_len, expand)
         if position_ids is not None and q_len > 1:
             self._check_positions(position_ids, q_len, expand, real)
+        # tokens each row appends: the real ones it does not hold yet (the window's last ones)
         new = [
-            max(0, f + r - mgr.seq_len(s)) for s, f, r in zip(rows, self._fed, real, strict=True)
+            max(0, f + r - self.manager.seq_len(s))
+            for s, f, r in zip(self._rows, self._fed, real, strict=True)
         ]
+        slots = self._reserve(new, q_len, expand)
 
-        appended: list[tuple[Hashable, int]] = []
-        forked: list[Hashable] = []
-        try:
-            if expand == 1 and all(n == q_len for n in new):
-                slots = mgr.append_batch(rows, q_len)
-                appended = [(s, f) for s, f in zip(rows, self._fed, strict=True)]
-            else:
-                device = mgr.cache.pool.device
-                slot_rows = torch.full(
-                    (len(rows), expand, q_len), -1, dtype=torch.int64, device=device
-                )
-                for i, (seq_id, n) in enumerate(zip(rows, new, strict=True)):
-                    if n:
-                        old = mgr.seq_len(seq_id)
-                        slot_rows[i, 0, q_len - n :] = mgr.append(seq_id, n)
-                        appended.append((seq_id, old))
-                slots = slot_rows.view(-1)
-                if expand > 1:  # children share all the parent's blocks, this step's included
-                    grown = []
-                    for seq_id in rows:
-                        grown.append(seq_id)
-                        for _ in range(expand - 1):
-                            child = self._new_id()
-                            mgr.fork(seq_id, child)
-                            forked.append(child)
-                            grown.append(child)
-        except BaseException:
-            for child in forked:
-                mgr.free(child)
-            for seq_id, old in appended:
-                if mgr.seq_len(seq_id) > old:
-                    mgr.truncate(seq_id, old)
-            raise
         fed = [f + r for f, r in zip(self._fed, real, strict=True)]
-        if expand > 1:
-            rows[:] = grown
-            fed = [f for f in fed for _ in range(expand)]
-        self._fed[:] = fed
+        self._fed[:] = [f for f in fed for _ in range(expand)]
         if self._history is not None:
             if input_ids is None or tuple(input_ids.shape) != (batch, q_len):
                 self._history = None  # tokens unknown from here on: stop recording
@@ -284,8 +249,8 @@ class PagedCache(Cache):
         device = slots.device
         self._step = _Step(
             slot_mapping=slots,
-            block_tables=mgr.block_tables(rows),
-            seq_lens=mgr.seq_lens(rows),
+            block_tables=self.manager.block_tables(self._rows),
+            seq_lens=self.manager.seq_lens(self._rows),
             query_start_loc=None
             if q_len == 1
             else torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device),
@@ -293,6 +258,45 @@ class PagedCache(Cache):
             q_len=q_len,
             gather=gather,
         )
+
+    def _reserve(self, new: list[int], q_len: int, expand: int) -> torch.Tensor:
+        """Append `new[i]` tokens to row i; with `expand`, fork each row into that many rows.
+
+        Returns the slot mapping `[rows * expand * q_len]` (a row's new tokens are the last of
+        its window; the rest and every fork's window are -1: the forks share the parent's
+        blocks, this step's included). All or nothing: on error the rows are as before.
+        """
+        mgr, rows = self.manager, self._rows
+        if expand == 1 and all(n == q_len for n in new):
+            return mgr.append_batch(rows, q_len)  # the decode hot path; all or nothing itself
+        appended: list[tuple[Hashable, int]] = []
+        forked: list[Hashable] = []
+        try:
+            slots = torch.full(
+                (len(rows), expand, q_len), -1, dtype=torch.int64, device=mgr.cache.pool.device
+            )
+            for i, (seq_id, n) in enumerate(zip(rows, new, strict=True)):
+                if n:
+                    old = mgr.seq_len(seq_id)
+                    slots[i, 0, q_len - n :] = mgr.append(seq_id, n)
+                    appended.append((seq_id, old))
+            grown = []
+            for seq_id in rows:
+                grown.append(seq_id)
+                for _ in range(expand - 1):
+                    child = self._new_id()
+                    mgr.fork(seq_id, child)
+                    forked.append(child)
+                    grown.append(child)
+        except BaseException:
+            for child in forked:
+                mgr.free(child)
+            for seq_id, old in appended:
+                if mgr.seq_len(seq_id) > old:
+                    mgr.truncate(seq_id, old)
+            raise
+        rows[:] = grown
+        return slots.view(-1)
 
     def _real_tokens(
         self, attention_mask: torch.Tensor | None, q_len: int, expand: int
