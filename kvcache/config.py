@@ -228,7 +228,7 @@ class KVCacheConfig:
             "num_kv_heads": int(num_kv_heads),
             "head_dim": int(head_dim),
         }
-        dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+        dtype = getattr(text, "dtype", None)  # (`torch_dtype` is its deprecated alias)
         if dtype is not None:
             # An unsupported checkpoint dtype (e.g. fp8) keeps the default unless overridden.
             with contextlib.suppress(ValueError):
