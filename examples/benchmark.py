@@ -19,7 +19,7 @@ Sections (each on the same model, stock and paged in the same run):
 
 The model is a random Llama built from a config (no download; `--hidden`, `--layers`, `--heads`,
 `--kv-heads` size it), or `--model NAME_OR_PATH`. Memory: paged = the manager's blocks in use x
-bytes per block at the peak of the call (a forward hook reads the manager after every step);
+bytes per block at the peak of the call (`manager.stats.peak_used_blocks`);
 stock = the K/V tensor bytes of the DynamicCache generate returns (the batch padded to its
 longest prompt + new tokens; num_beams x batch rows for beams). Paged kernels: Triton on CUDA,
 the torch reference on CPU. Times are medians over repeats, stock and paged interleaved, measured
@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from _common import pad_left, stock_kv_bytes, sync
 
 from pagedkv.kvcache import KVCacheConfig, KVCacheManager
 
@@ -149,73 +150,36 @@ def random_tokens(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=gen).tolist()
 
 
-def left_padded(prompts: list[list[int]], device) -> dict[str, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def stock_kv_bytes(out) -> int:
-    """K/V tensor bytes of the DynamicCache that a stock generate returned."""
-    cache = out["cache"] if "cache" in out else out.get("past_key_values")
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
 class _Paged:
-    """Paged attention on `model` for one `with` block, with the peak of blocks in use."""
+    """Paged attention on `model` for one `with` block."""
 
     def __init__(self, bench: Bench, num_blocks: int) -> None:
         self.bench, self.num_blocks = bench, num_blocks
-        self.peak = 0
 
     def __enter__(self) -> _Paged:
         from pagedkv.integrations import enable_paged_attention
 
-        model = self.bench.model
         self.manager = enable_paged_attention(
-            model,
+            self.bench.model,
             block_size=self.bench.block_size,
             num_blocks=self.bench.num_blocks or self.num_blocks,
         )
-        self._hook = model.register_forward_hook(self._record)
         return self
-
-    def _record(self, *args) -> None:
-        self.peak = max(self.peak, self.manager.num_used_blocks)
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.peak * self.manager.config.bytes_per_block
 
     def __exit__(self, *exc) -> None:
         from pagedkv.integrations import disable_paged_attention
 
-        self._hook.remove()
         disable_paged_attention(self.bench.model)
 
 
 def _generate(bench: Bench, inputs, kwargs, profiler=None) -> tuple[object, float]:
     kwargs = {"do_sample": False, "pad_token_id": PAD, "return_dict_in_generate": True, **kwargs}
     with torch.no_grad():
-        _sync(bench.device)
+        sync(bench.device)
         t0 = bench.clock()
         with profiler or contextlib.nullcontext():
             out = bench.model.generate(**inputs, **kwargs)
-        _sync(bench.device)
+        sync(bench.device)
     return out, bench.clock() - t0
 
 
@@ -244,7 +208,7 @@ def compare(
         with _Paged(bench, num_blocks) as paged_ctx:
             if warm_prefix is not None:
                 _generate(bench, warm_prefix, {**kwargs, "max_new_tokens": 1})
-            paged_ctx.peak = 0
+            paged_ctx.manager.reset_peak_usage()
             before = paged_ctx.manager.stats
             last = round_ == bench.repeats
             if last and name in bench.profile:
@@ -256,7 +220,7 @@ def compare(
         print(f"---- cProfile of the last paged {name} call (top 25, cumulative) ----")
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
     stock_s, paged_s = statistics.median(stock_t[1:]), statistics.median(paged_t[1:])
-    stock_bytes, paged_bytes = stock_kv_bytes(stock), paged_ctx.peak_bytes
+    stock_bytes, paged_bytes = stock_kv_bytes(stock), paged_ctx.manager.peak_used_bytes
     return {
         "stock_s": stock_s,
         "paged_s": paged_s,
@@ -264,7 +228,7 @@ def compare(
         "stock_kv_bytes": stock_bytes,
         "paged_kv_bytes": paged_bytes,
         "memory_ratio": paged_bytes / stock_bytes if stock_bytes else None,
-        "peak_blocks": paged_ctx.peak,
+        "peak_blocks": after.peak_used_blocks,
         "bytes_per_block": paged_ctx.manager.config.bytes_per_block,
         "prefix_queries": after.prefix_queries - before.prefix_queries,
         "prefix_hits": after.prefix_hits - before.prefix_hits,
@@ -289,7 +253,7 @@ def bench_decode(bench: Bench, args) -> dict:
     prompts = [random_tokens(m, vocab, seed=i) for i, m in enumerate(lengths)]
     kwargs = {"max_new_tokens": args.new_tokens, "num_beams": 1}
     blocks = _blocks_for(bench, [m + args.new_tokens for m in lengths])
-    r = compare(bench, "decode", left_padded(prompts, bench.device), kwargs, blocks)
+    r = compare(bench, "decode", pad_left(prompts, PAD, bench.device), kwargs, blocks)
     r["setup"] = f"batch {n}, prompts {lo}..{hi} tokens, {args.new_tokens} new tokens, greedy"
     r["goals"] = {"time_ratio": 1.10, "memory_ratio": 0.6}
     return r
@@ -301,7 +265,7 @@ def bench_beams(bench: Bench, args) -> dict:
     prompt = random_tokens(args.beam_prompt, vocab, seed=100)
     kwargs = {"max_new_tokens": args.new_tokens, "num_beams": args.num_beams}
     blocks = _blocks_for(bench, [args.beam_prompt + args.new_tokens], copies=args.num_beams)
-    r = compare(bench, "beams", left_padded([prompt], bench.device), kwargs, blocks)
+    r = compare(bench, "beams", pad_left([prompt], PAD, bench.device), kwargs, blocks)
     r["setup"] = (
         f"{args.num_beams} beams, 1 prompt of {args.beam_prompt} tokens, "
         f"{args.new_tokens} new tokens"
@@ -321,10 +285,10 @@ def bench_prefix(bench: Bench, args) -> dict:
     r = compare(
         bench,
         "prefix",
-        left_padded([second], bench.device),
+        pad_left([second], PAD, bench.device),
         kwargs,
         blocks,
-        warm_prefix=left_padded([first], bench.device),
+        warm_prefix=pad_left([first], PAD, bench.device),
     )
     r["setup"] = (
         f"second call: {args.prefix_len}-token shared prefix + 16 new prompt tokens, "

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+from _common import pad_left, stock_kv_bytes, sync
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -170,16 +171,6 @@ def random_prompts(batch: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def pad_left(prompts: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
 def make_prompts(args, model, tokenizer) -> tuple[list[list[int]], list[int]]:
     """(token ids of each prompt, token ids of the follow-up of the second turn)."""
     if tokenizer is None:
@@ -194,11 +185,6 @@ def make_prompts(args, model, tokenizer) -> tuple[list[list[int]], list[int]]:
 
 
 # ---- measuring ----------------------------------------------------------------------------------
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 @contextlib.contextmanager
 def progress_bar(model, total: int, desc: str, enabled: bool | None) -> Iterator[None]:
     """A tqdm bar advanced by every forward of `model` (prefill + one per new token)."""
@@ -222,50 +208,15 @@ def progress_bar(model, total: int, desc: str, enabled: bool | None) -> Iterator
         bar.close()
 
 
-def stock_kv_bytes(out) -> int:
-    """K/V tensor bytes of the DynamicCache a stock generate returned."""
-    cache = out["cache"] if "cache" in out else out.get("past_key_values")
-    if cache is None:
-        return 0
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-class PeakBlocks:
-    """Records the manager's blocks in use after every forward of `model` (the peak of a call)."""
-
-    def __init__(self, model, manager) -> None:
-        self.manager = manager
-        self.peak = 0
-        self._handle = model.register_forward_hook(self._record)
-
-    def _record(self, *args) -> None:
-        self.peak = max(self.peak, self.manager.num_used_blocks)
-
-    def reset(self) -> None:
-        self.peak = 0
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.peak * self.manager.config.bytes_per_block
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
 def timed_generate(model, inputs, gen_kwargs, *, progress=None, desc="") -> tuple[object, float]:
     device = inputs["input_ids"].device
     steps = gen_kwargs["max_new_tokens"]
     with progress_bar(model, steps, desc, progress), torch.no_grad():
         torch.manual_seed(0)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = model.generate(**inputs, **gen_kwargs)
-        _sync(device)
+        sync(device)
     return out, time.perf_counter() - t0
 
 
@@ -346,25 +297,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         overrides["num_blocks"] = 2 * need + 16
     manager = enable_paged_attention(model, **overrides)
-    peak = PeakBlocks(model, manager)
     try:
         timed_generate(model, inputs, short)
         manager.reset_prefix_cache()  # the timed call starts from an empty prefix cache
-        peak.reset()
+        manager.reset_peak_usage()
         paged, t_paged = timed_generate(
             model, inputs, gen_kwargs, progress=args.progress, desc="paged"
         )
-        paged_peak = peak.peak_bytes
+        paged_peak = manager.peak_used_bytes
         # Turn 2 (prompt + answer + follow-up) finds turn 1's blocks in the prefix cache.
         before = manager.stats
-        peak.reset()
+        manager.reset_peak_usage()
         paged2, t_paged2 = timed_generate(
             model, inputs2, gen_kwargs, progress=args.progress, desc="paged, turn 2"
         )
         after = manager.stats
-        paged2_peak = peak.peak_bytes
+        paged2_peak = manager.peak_used_bytes
     finally:
-        peak.remove()
         disable_paged_attention(model)
 
     # ---- report ----

@@ -111,6 +111,8 @@ class KVCacheAllocator:
         # Full blocks registered for prefix reuse, free or in use: key -> block.
         self._cached: dict[BlockHash, KVCacheBlock] = {}
         self.num_evictions = 0
+        # Most blocks in use at once since creation or `reset_peak`.
+        self.peak_used_blocks = 0
 
     # ---- counts ---------------------------------------------------------------------------
     @property
@@ -138,6 +140,7 @@ class KVCacheAllocator:
                 self._evict(block)
             block.ref_count = 1
             out.append(block)
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
         return out
 
     def try_allocate(self, n: int) -> list[KVCacheBlock] | None:
@@ -164,6 +167,11 @@ class KVCacheAllocator:
             if block.ref_count == 0:
                 self._free.remove(block)
             block.incr_ref()
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+
+    def reset_peak(self) -> None:
+        """Start measuring the peak of blocks in use from now."""
+        self.peak_used_blocks = self.num_used_blocks
 
     # ---- prefix cache ---------------------------------------------------------------------
     def lookup(self, key: BlockHash) -> KVCacheBlock | None:

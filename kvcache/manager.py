@@ -29,6 +29,7 @@ class KVCacheStats:
 
     num_blocks: int
     num_used_blocks: int
+    peak_used_blocks: int  # most blocks in use at once since creation or `reset_peak_usage()`
     num_free_blocks: int
     num_cached_blocks: int  # registered in the prefix cache, in use or free
     num_seqs: int
@@ -543,6 +544,15 @@ class KVCacheManager:
         self._hash_full_blocks(seq)
 
     # ---- prefix cache / stats -------------------------------------------------------------
+    def reset_peak_usage(self) -> None:
+        """Measure `stats.peak_used_blocks` from now on (e.g. around one generate call)."""
+        self.allocator.reset_peak()
+
+    @property
+    def peak_used_bytes(self) -> int:
+        """KV bytes at the peak of blocks in use: `stats.peak_used_blocks` x bytes per block."""
+        return self.allocator.peak_used_blocks * self.config.bytes_per_block
+
     def reset_prefix_cache(self) -> int:
         """Forget every registered prefix (data in use is kept). Returns blocks forgotten."""
         n = self.allocator.reset_prefix_cache()
@@ -556,6 +566,7 @@ class KVCacheManager:
         return KVCacheStats(
             num_blocks=a.num_blocks,
             num_used_blocks=a.num_used_blocks,
+            peak_used_blocks=a.peak_used_blocks,
             num_free_blocks=a.num_free_blocks,
             num_cached_blocks=a.num_cached_blocks,
             num_seqs=len(self._seqs),

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# As when run as scripts: the examples import their shared helpers (`_common`) from their folder.
+sys.path.insert(0, str(EXAMPLES))
 
 
 def _load(name: str):

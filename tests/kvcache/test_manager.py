@@ -373,3 +373,22 @@ def test_free_all_releases_everything():
     mgr.free_all()
     assert mgr.num_free_blocks == 32 and list(mgr) == []
     mgr.check_invariants()
+
+
+def test_peak_usage_counts_the_most_blocks_held_at_once():
+    mgr = make_manager()
+    mgr.allocate("a", list(range(9)))
+    mgr.append("a", 9)  # 3 blocks, the 2 full ones registered
+    mgr.fork("a", "b")
+    mgr.append("b", 1)  # copy-on-write of the shared last block: 4
+    mgr.free("b")
+    assert mgr.num_used_blocks == 3
+    assert mgr.stats.peak_used_blocks == 4
+    assert mgr.peak_used_bytes == 4 * mgr.config.bytes_per_block
+    mgr.reset_peak_usage()
+    assert mgr.stats.peak_used_blocks == 3
+    mgr.free("a")
+    mgr.reset_peak_usage()
+    assert mgr.stats.peak_used_blocks == 0
+    assert mgr.allocate("c", list(range(9))) == 8  # a prefix hit revives 2 cached free blocks
+    assert mgr.stats.peak_used_blocks == 2
