@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
+
+
+def int_at_least(minimum: int):
+    """An argparse `type` for integers >= `minimum`, whose error names the bad value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{value} is invalid; expected an integer >= {minimum}"
+            )
+        return value
+
+    return parse
 
 
 def pad_left(prompts: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:

@@ -36,19 +36,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from _common import int_at_least
+
 DTYPES = ("float16", "bfloat16", "float32")
 OPS = ("decode", "prefill", "write_kv")
 
 
 # ---- arguments --------------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; expected an integer >= 1")
-    return value
+_positive = int_at_least(1)
 
 
 def _block_size(text: str) -> int:

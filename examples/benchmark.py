@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from _common import pad_left, stock_kv_bytes, sync
+from _common import int_at_least, pad_left, stock_kv_bytes, sync
 
 from pagedkv.kvcache import KVCacheConfig, KVCacheManager
 
@@ -411,14 +411,7 @@ def machine() -> str:
 
 
 # ---- main -------------------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; expected an integer >= 1")
-    return value
+_positive = int_at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:

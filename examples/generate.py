@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 
 import torch
-from _common import pad_left, stock_kv_bytes, sync
+from _common import int_at_least, pad_left, stock_kv_bytes, sync
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,23 +63,8 @@ FOLLOW_UP = "\nTell me more."
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(
-                f"{value} is invalid; expected an integer >= {minimum}"
-            )
-        return value
-
-    return parse
-
-
 def _block_size(text: str) -> int:
-    value = _int_at_least(1)(text)
+    value = int_at_least(1)(text)
     if value & (value - 1) or value > 128:
         raise argparse.ArgumentTypeError(f"{value} is invalid; expected a power of two <= 128")
     return value
@@ -104,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", help="model id or path (default: a small random Llama, offline)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="prompts (default 4)")
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=32, help="default 32")
-    p.add_argument("--num-beams", type=_int_at_least(1), default=1, help="beam search if > 1")
+    p.add_argument("--batch-size", type=int_at_least(1), default=4, help="prompts (default 4)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=32, help="default 32")
+    p.add_argument("--num-beams", type=int_at_least(1), default=1, help="beam search if > 1")
     p.add_argument("--block-size", type=_block_size, default=16, help="tokens per KV block")
     p.add_argument(
-        "--num-blocks", type=_int_at_least(1), default=None, help="KV pool size (default: fits)"
+        "--num-blocks", type=int_at_least(1), default=None, help="KV pool size (default: fits)"
     )
     p.add_argument(
         "--device", type=_device, default=None, help="cpu, cuda (default: cuda if available)"

@@ -36,6 +36,31 @@ def check_tensor(
         raise ValueError(f"{name} is on {t.device}, expected {device} (that of the other tensors)")
 
 
+def check_caches(
+    key_cache: object,
+    value_cache: object,
+    *,
+    head_dim: int | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """A K/V cache pair: `[num_blocks, block_size, num_kv_heads, head_dim]` each, the value
+    cache of the key cache's shape, dtype and device (strides may differ)."""
+    check_tensor(
+        key_cache,
+        "key_cache",
+        shape=(None, None, None, head_dim),
+        dtypes=FLOAT_DTYPES,
+        device=device,
+    )
+    check_tensor(
+        value_cache,
+        "value_cache",
+        shape=tuple(key_cache.shape),
+        dtypes=(key_cache.dtype,),
+        device=key_cache.device,
+    )
+
+
 def check_index_vector(t: object, name: str, *, length: int | None, device: torch.device) -> None:
     """A contiguous 1-D int32/int64 tensor (the kernels index it with unit stride)."""
     check_tensor(t, name, shape=(length,), dtypes=INDEX_DTYPES, device=device)

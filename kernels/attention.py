@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from . import _dispatch, reference
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_vector, check_tensor, next_power_of_2
+from ._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_caches,
+    check_index_vector,
+    check_tensor,
+    next_power_of_2,
+)
 from ._config import AUTOTUNED, TUNED, KernelConfig, config_key, from_triton_config
 from ._triton import tl, triton
 
@@ -427,21 +434,8 @@ def paged_attention(
     check_tensor(query, "query", shape=(None, None, None), dtypes=FLOAT_DTYPES)
     num_tokens, num_q_heads, head_dim = query.shape
     device = query.device
-    check_tensor(
-        key_cache,
-        "key_cache",
-        shape=(None, None, None, head_dim),
-        dtypes=FLOAT_DTYPES,
-        device=device,
-    )
+    check_caches(key_cache, value_cache, head_dim=head_dim, device=device)
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
-    check_tensor(
-        value_cache,
-        "value_cache",
-        shape=tuple(key_cache.shape),
-        dtypes=(key_cache.dtype,),
-        device=device,
-    )
     if key_cache.dtype != query.dtype:
         raise ValueError(
             f"key_cache dtype {key_cache.dtype} differs from query dtype {query.dtype}; cast one"

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch, reference
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_vector, check_tensor, next_power_of_2
+from ._checks import (
+    INDEX_DTYPES,
+    check_caches,
+    check_index_vector,
+    check_tensor,
+    next_power_of_2,
+)
 from ._triton import tl, triton
 
 
@@ -91,16 +97,9 @@ def gather_kv(
     seq_lens ``[B]``. Returns key, value ``[sum(seq_lens), Hkv, D]`` packed in sequence order.
     Pass ``num_tokens=sum(seq_lens)`` if known, to spare a device->host sync.
     """
-    check_tensor(key_cache, "key_cache", shape=(None, None, None, None), dtypes=FLOAT_DTYPES)
+    check_caches(key_cache, value_cache)
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
     device = key_cache.device
-    check_tensor(
-        value_cache,
-        "value_cache",
-        shape=tuple(key_cache.shape),
-        dtypes=(key_cache.dtype,),
-        device=device,
-    )
     check_tensor(
         block_tables, "block_tables", shape=(None, None), dtypes=INDEX_DTYPES, device=device
     )

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from . import _dispatch, reference
-from ._checks import FLOAT_DTYPES, check_index_vector, check_tensor, next_power_of_2
+from ._checks import FLOAT_DTYPES, check_caches, check_index_vector, check_tensor, next_power_of_2
 from ._config import AUTOTUNED, TUNED, KernelConfig, config_key, from_triton_config
 from ._triton import tl, triton
 
@@ -128,16 +128,9 @@ def write_kv(
     dtype than the cache (it is cast first, rounding to nearest even). Slots must be distinct
     and < num_blocks * block_size.
     """
-    check_tensor(key_cache, "key_cache", shape=(None, None, None, None), dtypes=FLOAT_DTYPES)
+    check_caches(key_cache, value_cache)
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
     device = key_cache.device
-    check_tensor(
-        value_cache,
-        "value_cache",
-        shape=tuple(key_cache.shape),
-        dtypes=(key_cache.dtype,),
-        device=device,
-    )
     check_tensor(
         key, "key", shape=(None, num_kv_heads, head_dim), dtypes=FLOAT_DTYPES, device=device
     )
