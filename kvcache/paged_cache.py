@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from pagedkv.kernels import copy_blocks, gather_kv, paged_attention, write_kv
+
 from .config import KVCacheConfig
 
 __all__ = ["PagedKVCache"]
@@ -63,8 +65,6 @@ class PagedKVCache:
         self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
         """Scatter `key`/`value` `[T, num_kv_heads, head_dim]` into the slots (-1 = skip)."""
-        from pagedkv.kernels import write_kv
-
         self._check_layer(layer)
         write_kv(key, value, self._keys[layer], self._values[layer], slot_mapping)
 
@@ -81,8 +81,6 @@ class PagedKVCache:
         Keyword arguments are those of `pagedkv.kernels.paged_attention` (scale,
         query_start_loc, causal, sliding_window, softcap, out).
         """
-        from pagedkv.kernels import paged_attention
-
         self._check_layer(layer)
         return paged_attention(
             query, self._keys[layer], self._values[layer], block_tables, seq_lens, **kwargs
@@ -92,15 +90,11 @@ class PagedKVCache:
         self, layer: int, block_tables: torch.Tensor, seq_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous K and V `[sum(seq_lens), num_kv_heads, head_dim]`, sequences packed."""
-        from pagedkv.kernels import gather_kv
-
         self._check_layer(layer)
         return gather_kv(self._keys[layer], self._values[layer], block_tables, seq_lens)
 
     def copy(self, block_mapping: Sequence[tuple[int, int]] | torch.Tensor) -> None:
         """Copy whole blocks (every layer, K and V) from src to dst: `[(src, dst), ...]`."""
-        from pagedkv.kernels import copy_blocks
-
         mapping = torch.as_tensor(block_mapping, dtype=torch.int64).reshape(-1, 2)
         if mapping.numel() == 0:
             return
