@@ -273,7 +273,7 @@ class KVCacheManager:
         rows = np.fromiter((s.row for s in seqs), np.int64, len(seqs))
         lens = table.num_tokens[rows]
         need = np.maximum((lens + n + bs - 1) // bs - table.num_blocks[rows], 0)
-        cow = []
+        cow, sole = [], []
         if self._maybe_shared:
             leaving: dict[int, int] = {}  # owners of a block that copy it away in this step
             for i, seq in enumerate(seqs):
@@ -281,7 +281,7 @@ class KVCacheManager:
                     continue
                 last = seq[-1] if len(seq) else None
                 if last is None or last.ref_count - leaving.get(last.block_id, 0) == 1:
-                    self._maybe_shared.discard(seq)  # sole owner (the others copy away)
+                    sole.append(i)  # sole owner (the others copy away in this step)
                 elif lens[i] % bs:
                     cow.append(i)
                     leaving[last.block_id] = leaving.get(last.block_id, 0) + 1
@@ -293,6 +293,16 @@ class KVCacheManager:
                 self.config.num_blocks,
                 hint="raise num_blocks (or memory_budget_bytes), shorten the sequences, or free some",
             )
+        # Past the last check: nothing below can fail, so the hints change only now (a sequence
+        # is "sole" only because others copy away in this very step).
+        for i in sole:
+            seq = seqs[i]
+            self._maybe_shared.discard(seq)
+            last = seq[-1] if len(seq) else None
+            if last is not None and lens[i] % bs and last.block_hash is not None:
+                # Truncated while shared, so still registered for its full contents; this
+                # step overwrites its tail, so it leaves the prefix index.
+                self.allocator.unregister(last)
         if cow:
             self._copy_on_write([seqs[i] for i in cow])
         for i in np.flatnonzero(need):

@@ -7,3 +7,14 @@ The Triton interpreter reads TRITON_INTERPRET when kernels are decorated, i.e. w
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Hypothesis profiles (HYPOTHESIS_PROFILE=...): "dev" explores new random cases on every run;
+# "ci" (the default where CI is set) replays the same cases every run, so a gate never fails
+# on a case it had not tried before; "thorough" is the long bug hunt to run after changing the
+# manager. A failure prints the case and a @reproduce_failure blob.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("dev", max_examples=150)
+settings.register_profile("ci", max_examples=1000, derandomize=True, print_blob=True)
+settings.register_profile("thorough", max_examples=5000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))

@@ -192,6 +192,45 @@ def test_truncate_of_a_shared_block_copies_on_next_write():
     mgr.check_invariants()
 
 
+def test_a_block_truncated_while_shared_leaves_the_prefix_cache_when_overwritten():
+    # Found by the stateful test: "b" shares "a"'s registered full block, "a" is cut inside
+    # it, "b" goes away, and "a" (now its sole owner) writes its tail in place. The block must
+    # stop answering prefix lookups for the tokens it held before.
+    mgr = make_manager(block_size=2)
+    mgr.allocate("a", [11, 12])
+    fill(mgr, "a", mgr.append("a", 2), seed=1)
+    mgr.fork("a", "b")
+    mgr.truncate("a", 1)
+    assert mgr.stats.num_cached_blocks == 1  # "b" still holds [11, 12] in it
+    mgr.free("b")
+    fill(mgr, "a", mgr.append("a", 1), seed=2)
+    assert mgr.stats.num_cached_blocks == 0 and mgr.stats.cow_copies == 0
+    assert mgr.allocate("c", [11, 12, 13]) == 0
+    mgr.check_invariants()
+
+
+def test_failed_batch_append_keeps_the_copy_on_write_of_a_shared_block():
+    # "y" is "x" cut to one token, inside the block they share. A batch append that runs out
+    # of blocks must leave "y" marked as sharing it, so that "y" appending alone later copies
+    # the block instead of overwriting "x"'s second token in place.
+    mgr = make_manager(block_size=4, num_blocks=3)
+    mgr.allocate("x")
+    fill(mgr, "x", mgr.append("x", 3), seed=1)
+    mgr.fork("x", "y")
+    mgr.truncate("y", 1)
+    mgr.allocate("z")
+    mgr.append("z", 5)  # takes the last two blocks
+    with pytest.raises(OutOfBlocksError):
+        mgr.append_batch(["x", "y"], 1)
+    x_before = read(mgr, "x", 0)
+    mgr.free("z")
+    fill(mgr, "y", mgr.append("y", 1), seed=2)
+    assert mgr.stats.cow_copies == 1
+    k, v = read(mgr, "x", 0)
+    assert torch.equal(k, x_before[0]) and torch.equal(v, x_before[1])
+    mgr.check_invariants()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_swap_round_trip_is_bit_exact(dtype):
     mgr = make_manager(num_cpu_blocks=8, dtype=dtype)

@@ -186,9 +186,26 @@ class ManagerMachine(RuleBasedStateMachine):
                 assert torch.equal(k, ek), f"seq {seq} layer {layer}: keys differ"
                 assert torch.equal(v, ev)
 
+    @invariant()
+    def every_cached_block_holds_the_tokens_its_hash_names(self):
+        # K in layer 0 is token * 64 + position (positions stay below 64 here), so a block's
+        # contents spell out which tokens it holds, at which positions.
+        bs = self.cfg.block_size
+        hashed = [b for b in self.mgr.allocator.blocks if b.block_hash is not None]
+        if not hashed:
+            return
+        keys = self.mgr.cache.read_blocks([b.block_id for b in hashed])[:, 0, 0, :, 0, 0]
+        for block, k in zip(hashed, keys.tolist()):
+            tokens, pos = [int(x) // 64 for x in k], [int(x) % 64 for x in k]
+            assert tuple(tokens) == block.block_hash.token_ids, (
+                f"block {block.block_id} holds tokens {tokens}, registered as "
+                f"{block.block_hash.token_ids}"
+            )
+            assert pos[0] % bs == 0 and pos == list(range(pos[0], pos[0] + bs))
 
+
+# max_examples comes from the loaded profile (tests/conftest.py).
 ManagerMachine.TestCase.settings = settings(
-    max_examples=150,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
