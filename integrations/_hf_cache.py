@@ -293,7 +293,7 @@ class PagedCache(Cache):
                 mgr.free(child)
             for seq_id, old in appended:
                 if mgr.seq_len(seq_id) > old:
-                    mgr.truncate(seq_id, old)
+                    mgr.truncate(seq_id, old, written=False)
             raise
         rows[:] = grown
         return slots.view(-1)

@@ -457,8 +457,13 @@ class KVCacheManager:
             else:
                 self._maybe_shared.discard(seq)
 
-    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
-        """Keep only the first `num_tokens` tokens (assisted decoding rejects drafts this way)."""
+    def truncate(self, seq_id: Hashable, num_tokens: int, *, written: bool = True) -> None:
+        """Keep only the first `num_tokens` tokens (assisted decoding rejects drafts this way).
+
+        Dropped full blocks that are registered stay findable in the prefix cache, since they
+        hold the K/V of their tokens. Pass `written=False` to undo an append whose K/V were
+        never written: the blocks it filled then leave the prefix cache with it.
+        """
         seq = self._get(seq_id)
         if (
             isinstance(num_tokens, bool)
@@ -471,7 +476,12 @@ class KVCacheManager:
             )
         bs = self.block_size
         keep = -(-int(num_tokens) // bs)
-        self.allocator.free(seq.truncate(keep))
+        dropped = seq.truncate(keep)
+        if not written:
+            for block in dropped:
+                if block.ref_count == 1:  # a block other owners hold keeps their data
+                    self.allocator.unregister(block)
+        self.allocator.free(dropped)
         seq.num_tokens = int(num_tokens)
         if seq.token_ids is not None:
             seq.token_ids = seq.token_ids[:num_tokens]

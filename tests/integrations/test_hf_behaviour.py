@@ -187,6 +187,22 @@ def test_out_of_blocks_frees_the_call(llama, helpers, extra):
     assert torch.equal(_paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=4), stock)
 
 
+def test_a_prompt_that_does_not_fit_leaves_no_unwritten_prefix(llama):
+    """Found by the session test: rows 1 and 2 reserve (and register) their prompt blocks, row
+    3 runs out; those blocks were never written, so a later prompt must not hit them."""
+    first = torch.tensor([[0] * 14 + [5, 17, 33], [5, 17, 33, 8, 41, 12, 9, 30, 44] + [3] * 8])
+    mask = (first != 0).long()
+    manager = enable_paged_attention(llama, block_size=2, num_blocks=10)
+    with pytest.raises(OutOfBlocksError):
+        _paged(llama, input_ids=first, attention_mask=mask, max_new_tokens=1, num_beams=3)
+    assert manager.stats.num_cached_blocks == 0
+    paged = _paged(llama, input_ids=first[:1, 14:], max_new_tokens=3, num_beams=3)
+    disable_paged_attention(llama)
+    assert torch.equal(
+        paged, _stock(llama, input_ids=first[:1, 14:], max_new_tokens=3, num_beams=3)
+    )
+
+
 def test_disable_restores_stock(llama, helpers):
     ids, mask = helpers.padded_batch([9, 5], seed=13)
     before = _stock(llama, input_ids=ids, attention_mask=mask, max_new_tokens=6)

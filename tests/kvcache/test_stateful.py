@@ -122,6 +122,20 @@ class ManagerMachine(RuleBasedStateMachine):
         self.tokens[seq] = self.tokens[seq][:n]
 
     @precondition(lambda self: self.resident())
+    @rule(data=st.data(), n=st.integers(1, 5))
+    def append_then_undo(self, data, n):
+        # A caller reserves slots, fails before writing them, and gives them back.
+        seq = data.draw(st.sampled_from(self.resident()))
+        start = len(self.tokens[seq])
+        before = self.snapshot()
+        try:
+            self.mgr.append(seq, n, token_ids=data.draw(st.lists(token, min_size=n, max_size=n)))
+        except OutOfBlocksError:
+            assert self.snapshot() == before
+            return
+        self.mgr.truncate(seq, start, written=False)
+
+    @precondition(lambda self: self.resident())
     @rule(data=st.data())
     def register(self, data):
         seq = data.draw(st.sampled_from(self.resident()))
