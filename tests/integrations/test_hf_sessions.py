@@ -21,7 +21,7 @@ from pagedkv.kvcache import OutOfBlocksError
 
 from .conftest import PAD, VOCAB, build_model
 
-_MODELS: dict[str, torch.nn.Module] = {}
+_MODELS: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
 
 
 def _models(family: str):
