@@ -73,6 +73,8 @@ class _Step:
     written: set[int] = field(default_factory=set)  # layers that stored K/V this step
     attended: dict[int, int | None] = field(default_factory=dict)  # layer -> its sliding window
     gather_index: torch.Tensor | None = None  # padded [batch * width] position of each token
+    # rows before this step's forks, and the tokens each appended (to forget them on failure)
+    appended: tuple[Sequence[Hashable], Sequence[int]] = ((), ())
 
 
 def _free_rows(manager: KVCacheManager, rows: list[Hashable]) -> None:
@@ -235,6 +237,7 @@ class PagedCache(Cache):
             max(0, f + r - self.manager.seq_len(s))
             for s, f, r in zip(self._rows, self._fed, real, strict=True)
         ]
+        parents = list(self._rows)
         slots = self._reserve(new, q_len, expand)
 
         fed = [f + r for f, r in zip(self._fed, real, strict=True)]
@@ -257,6 +260,7 @@ class PagedCache(Cache):
             batch=batch,
             q_len=q_len,
             gather=gather,
+            appended=(parents, new),
         )
 
     def _reserve(self, new: list[int], q_len: int, expand: int) -> torch.Tensor:
@@ -353,12 +357,23 @@ class PagedCache(Cache):
             self._seen += step.q_len
 
     def end_forward(self) -> bool:
-        """Close the step; returns whether every layer stored its K/V (False: it failed)."""
+        """Close the step; returns whether every layer stored its K/V (False: it failed).
+
+        A failed step's slots hold garbage in some layers: the blocks holding them leave the
+        prefix cache (the manager registers a prompt's blocks as they are reserved), and the
+        rows stop registering blocks. Other cached prefixes stay.
+        """
         step = self._step
         if step is not None:
             self._count(step)
         self.last_step, self._step = step, None
-        return step is None or len(step.written) == self.manager.config.num_layers
+        ok = step is None or len(step.written) == self.manager.config.num_layers
+        if not ok:
+            mgr = self.manager
+            for seq_id, n in zip(*step.appended, strict=True):
+                if n and seq_id in mgr:
+                    mgr.forget_unwritten(seq_id, mgr.seq_len(seq_id) - n)
+        return ok
 
     def _current(self) -> _Step:
         if self._step is None:

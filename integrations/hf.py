@@ -296,11 +296,7 @@ def _post_forward(state: _PagedState, module, args, output):
     if entry is None:
         return None
     cache, token, transient = entry
-    if not cache.end_forward():
-        # The forward failed between reserving slots and writing every layer. Blocks hashed for
-        # the prefix cache in this step (the manager hashes a prompt's full blocks as they are
-        # appended) may hold garbage: forget all registered prefixes rather than serve them.
-        cache.manager.reset_prefix_cache()
+    cache.end_forward()  # a failed step takes its unwritten blocks out of the prefix cache
     reset_forward_cache(token)
     if transient:
         cache.free()

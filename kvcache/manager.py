@@ -381,6 +381,30 @@ class KVCacheManager:
             seq.token_ids = None  # later tokens unknown: no hashing on the fly
         return seq.num_hashed
 
+    def forget_unwritten(self, seq_id: Hashable, num_tokens: int) -> int:
+        """The sequence's K/V from token `num_tokens` on were reserved but never written (say,
+        a forward failed midway): take the blocks holding them out of the prefix cache, and
+        stop registering this sequence's blocks. The sequence keeps its blocks and length.
+
+        Returns how many blocks left the prefix cache.
+        """
+        seq = self._get(seq_id)
+        if (
+            isinstance(num_tokens, bool)
+            or not isinstance(num_tokens, (int, np.integer))
+            or not (0 <= num_tokens <= seq.num_tokens)
+        ):
+            raise ValueError(
+                f"forget_unwritten got num_tokens={num_tokens!r} for sequence {seq_id!r}; "
+                f"expected an integer in 0..{seq.num_tokens}"
+            )
+        first = int(num_tokens) // self.block_size
+        stale = [b for b in seq.blocks[first:] if b.block_hash is not None]
+        for block in stale:
+            self.allocator.unregister(block)
+        seq.token_ids = None  # its later tokens are not what the blocks hold
+        return len(stale)
+
     # ---- sharing --------------------------------------------------------------------------
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Start `child_id` as a copy of `parent_id` that shares all its blocks."""

@@ -482,10 +482,15 @@ def test_inputs_embeds(llama, helpers):
 
 
 def test_failed_forward_leaves_no_stale_prefix(llama, helpers):
-    """A forward that dies after reserving slots must not leave unwritten blocks findable."""
-    prompt = torch.randint(3, 90, (1, 13), generator=torch.Generator().manual_seed(25))
+    """A forward that dies after reserving slots (an error, Ctrl-C in a notebook) must not leave
+    its unwritten blocks findable, and keeps the prefixes cached before it."""
+    gen = torch.Generator().manual_seed(25)
+    first = torch.randint(3, 90, (1, 9), generator=gen)  # blocks [0:4] and [4:8] get cached
+    prompt = torch.cat([first[:, :8], torch.randint(3, 90, (1, 9), generator=gen)], dim=1)
     stock = _stock(llama, input_ids=prompt, max_new_tokens=4)
     manager = enable_paged_attention(llama, block_size=BS)
+    _paged(llama, input_ids=first, max_new_tokens=1)
+    cached = manager.stats.num_cached_blocks
 
     def boom(*args):
         raise RuntimeError("boom")
@@ -494,11 +499,12 @@ def test_failed_forward_leaves_no_stale_prefix(llama, helpers):
     with pytest.raises(RuntimeError, match="boom"):
         _paged(llama, input_ids=prompt, max_new_tokens=4)
     handle.remove()
-    assert manager.num_used_blocks == 0 and manager.stats.num_cached_blocks == 0
+    assert manager.num_used_blocks == 0
+    assert manager.stats.num_cached_blocks == cached, "only the failed call's blocks are gone"
     rec = _Recorder(llama, manager)
     assert torch.equal(_paged(llama, input_ids=prompt, max_new_tokens=4), stock)
     rec.remove()
-    assert rec.widths[0] == 13, "nothing stale was reused"
+    assert rec.widths[0] == prompt.shape[1] - 8, "the earlier prefix is reused, nothing stale"
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,9 @@
 
 A session is what a server or a notebook does: many calls on one manager, prompts that share
 prefixes with earlier prompts and answers (so calls start from cached blocks), mixed modes
-(greedy, beams, samples, prompt lookup), padded batches, and a pool small enough that cached
-blocks are evicted and some calls run out of blocks. After every call: the tokens equal stock
-transformers' on an identical model, the manager's bookkeeping is consistent, and it holds no
+(greedy, beams, samples, prompt lookup), padded batches, calls interrupted inside a layer, and
+a pool small enough that cached blocks are evicted and some calls run out of blocks. After
+every call: the tokens equal stock transformers' on an identical model, the manager's bookkeeping is consistent, and it holds no
 block for a finished call (only cached ones). A call that runs out of blocks raises
 `OutOfBlocksError` and leaves nothing behind, and the next call still matches stock.
 """
@@ -65,6 +65,10 @@ def _generate(model, rows: list[list[int]], mode: str, new: int, seed: int) -> t
         )
 
 
+class _Interrupted(Exception):
+    pass
+
+
 class SessionMachine(RuleBasedStateMachine):
     family = "llama"
 
@@ -104,14 +108,9 @@ class SessionMachine(RuleBasedStateMachine):
         seed=st.integers(0, 3),
     )
     def generate(self, data, rows, mode, new, seed):
-        if mode == "prompt-lookup":
-            rows = 1  # transformers' prompt lookup takes one row
-        sources = STEMS + self.answers[-4:]
-        prompts = []
-        for _ in range(rows):
-            stem = data.draw(st.sampled_from(sources))
-            cut = data.draw(st.integers(1, len(stem)))
-            prompts.append(stem[:cut] + data.draw(tail))
+        self._compare(self._prompts(data, 1 if mode == "prompt-lookup" else rows), mode, new, seed)
+
+    def _compare(self, prompts: list[list[int]], mode: str, new: int, seed: int) -> None:
         expected = _generate(self.stock, prompts, mode, new, seed)
         try:
             got = _generate(self.model, prompts, mode, new, seed)
@@ -126,9 +125,49 @@ class SessionMachine(RuleBasedStateMachine):
                 row.pop(0)
             self.answers.append(row)
 
+    @rule(
+        data=st.data(),
+        rows=st.integers(1, 3),
+        new=st.integers(1, 6),
+        forwards=st.integers(0, 4),
+        layer=st.integers(0, 1),
+    )
+    def interrupted_generate(self, data, rows, new, forwards, layer):
+        """A call dies inside a decoder layer (an error, or Ctrl-C in a notebook) after
+        `forwards` whole forwards, and is run again: its unwritten blocks must not serve the
+        retry."""
+        prompts = self._prompts(data, rows)
+        seen = [0]
+
+        def interrupt(module, args):
+            seen[0] += 1
+            if seen[0] > forwards:
+                raise _Interrupted
+
+        layers = next(m for m in self.model.modules() if isinstance(m, torch.nn.ModuleList))
+        handle = layers[layer].register_forward_pre_hook(interrupt)
+        try:
+            _generate(self.model, prompts, "greedy", new, 0)
+        except (_Interrupted, OutOfBlocksError):
+            pass
+        finally:
+            handle.remove()
+        self.manager.check_invariants()
+        assert self.manager.num_used_blocks == 0
+        self._compare(prompts, "greedy", new, 0)
+
     @rule()
     def reset_prefix_cache(self):
         self.manager.reset_prefix_cache()
+
+    def _prompts(self, data, rows: int) -> list[list[int]]:
+        sources = STEMS + self.answers[-4:]
+        prompts = []
+        for _ in range(rows):
+            stem = data.draw(st.sampled_from(sources))
+            cut = data.draw(st.integers(1, len(stem)))
+            prompts.append(stem[:cut] + data.draw(tail))
+        return prompts
 
     @invariant()
     def no_block_held_between_calls(self):

@@ -208,6 +208,23 @@ def test_undoing_an_unwritten_append_forgets_the_blocks_it_filled():
     mgr.check_invariants()
 
 
+def test_forget_unwritten_keeps_the_blocks_and_earlier_prefixes():
+    mgr = make_manager(block_size=2)
+    mgr.allocate("a", [11, 12, 13, 14, 15])
+    mgr.append("a", 5)  # registers [11, 12] and [13, 14]
+    assert mgr.forget_unwritten("a", 2) == 1  # [13, 14] was never written
+    assert mgr.seq_len("a") == 5 and mgr.num_used_blocks == 3
+    mgr.append("a", 1, token_ids=[16])  # no longer registers: its tokens are untrusted
+    assert mgr.stats.num_cached_blocks == 1
+    assert mgr.allocate("b", [11, 12, 13, 14, 15]) == 2
+    for bad in (-1, 7, 2.0, True):
+        with pytest.raises(ValueError, match="expected an integer in 0..6"):
+            mgr.forget_unwritten("a", bad)
+    with pytest.raises(ValueError, match="unknown sequence id .zzz."):
+        mgr.forget_unwritten("zzz", 0)
+    mgr.check_invariants()
+
+
 def test_a_block_truncated_while_shared_leaves_the_prefix_cache_when_overwritten():
     # Found by the stateful test: "b" shares "a"'s registered full block, "a" is cut inside
     # it, "b" goes away, and "a" (now its sole owner) writes its tail in place. The block must

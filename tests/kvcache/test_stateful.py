@@ -136,6 +136,21 @@ class ManagerMachine(RuleBasedStateMachine):
         self.mgr.truncate(seq, start, written=False)
 
     @precondition(lambda self: self.resident())
+    @rule(data=st.data(), n=st.integers(1, 5))
+    def append_forget_then_write(self, data, n):
+        # A forward reserves slots and fails before writing them; a later one writes them.
+        seq = data.draw(st.sampled_from(self.resident()))
+        start = len(self.tokens[seq])
+        new = data.draw(st.lists(token, min_size=n, max_size=n))
+        try:
+            slots = self.mgr.append(seq, n, token_ids=new)
+        except OutOfBlocksError:
+            return
+        self.mgr.forget_unwritten(seq, start)
+        self.write(seq, new, slots, start)
+        self.tokens[seq] = self.tokens[seq] + new
+
+    @precondition(lambda self: self.resident())
     @rule(data=st.data())
     def register(self, data):
         seq = data.draw(st.sampled_from(self.resident()))
