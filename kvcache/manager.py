@@ -389,15 +389,7 @@ class KVCacheManager:
         Returns how many blocks left the prefix cache.
         """
         seq = self._get(seq_id)
-        if (
-            isinstance(num_tokens, bool)
-            or not isinstance(num_tokens, (int, np.integer))
-            or not (0 <= num_tokens <= seq.num_tokens)
-        ):
-            raise ValueError(
-                f"forget_unwritten got num_tokens={num_tokens!r} for sequence {seq_id!r}; "
-                f"expected an integer in 0..{seq.num_tokens}"
-            )
+        _check_position(num_tokens, seq, f"forget_unwritten of sequence {seq_id!r} from")
         first = int(num_tokens) // self.block_size
         stale = [b for b in seq.blocks[first:] if b.block_hash is not None]
         for block in stale:
@@ -489,15 +481,7 @@ class KVCacheManager:
         never written: the blocks it filled then leave the prefix cache with it.
         """
         seq = self._get(seq_id)
-        if (
-            isinstance(num_tokens, bool)
-            or not isinstance(num_tokens, (int, np.integer))
-            or not (0 <= num_tokens <= seq.num_tokens)
-        ):
-            raise ValueError(
-                f"cannot truncate sequence {seq_id!r} to {num_tokens!r} tokens; expected an "
-                f"integer in 0..{seq.num_tokens}"
-            )
+        _check_position(num_tokens, seq, f"cannot truncate sequence {seq_id!r} to")
         bs = self.block_size
         keep = -(-int(num_tokens) // bs)
         dropped = seq.truncate(keep)
@@ -751,6 +735,18 @@ def _as_token_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
 def _check_count(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} is invalid; expected an integer >= 1")
+
+
+def _check_position(num_tokens: object, seq: KVCacheBlocks, what: str) -> None:
+    """`num_tokens` must be a token count within the sequence: 0..its length."""
+    if (
+        isinstance(num_tokens, bool)
+        or not isinstance(num_tokens, (int, np.integer))
+        or not (0 <= num_tokens <= seq.num_tokens)
+    ):
+        raise ValueError(
+            f"{what} {num_tokens!r} tokens; expected an integer in 0..{seq.num_tokens}"
+        )
 
 
 def _check_hashable(value: object, name: str) -> None:
