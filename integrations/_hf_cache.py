@@ -297,7 +297,8 @@ class PagedCache(Cache):
                 mgr.free(child)
             for seq_id, old in appended:
                 if mgr.seq_len(seq_id) > old:
-                    mgr.truncate(seq_id, old, written=False)
+                    mgr.forget_unwritten(seq_id, old)  # registered as reserved, never written
+                    mgr.truncate(seq_id, old)
             raise
         rows[:] = grown
         return slots.view(-1)

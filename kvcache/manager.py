@@ -473,23 +473,18 @@ class KVCacheManager:
             else:
                 self._maybe_shared.discard(seq)
 
-    def truncate(self, seq_id: Hashable, num_tokens: int, *, written: bool = True) -> None:
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
         """Keep only the first `num_tokens` tokens (assisted decoding rejects drafts this way).
 
         Dropped full blocks that are registered stay findable in the prefix cache, since they
-        hold the K/V of their tokens. Pass `written=False` to undo an append whose K/V were
-        never written: the blocks it filled then leave the prefix cache with it.
+        hold the K/V of their tokens. To undo an append whose K/V were never written, call
+        `forget_unwritten` first.
         """
         seq = self._get(seq_id)
         _check_position(num_tokens, seq, f"cannot truncate sequence {seq_id!r} to")
         bs = self.block_size
         keep = -(-int(num_tokens) // bs)
-        dropped = seq.truncate(keep)
-        if not written:
-            for block in dropped:
-                if block.ref_count == 1:  # a block other owners hold keeps their data
-                    self.allocator.unregister(block)
-        self.allocator.free(dropped)
+        self.allocator.free(seq.truncate(keep))
         seq.num_tokens = int(num_tokens)
         if seq.token_ids is not None:
             seq.token_ids = seq.token_ids[:num_tokens]

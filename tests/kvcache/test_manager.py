@@ -192,22 +192,6 @@ def test_truncate_of_a_shared_block_copies_on_next_write():
     mgr.check_invariants()
 
 
-def test_undoing_an_unwritten_append_forgets_the_blocks_it_filled():
-    mgr = make_manager(block_size=2)
-    mgr.allocate("a", [11, 12, 13, 14, 15])
-    fill(mgr, "a", mgr.append("a", 1), seed=1)  # token 11 written; the rest never are
-    mgr.append("a", 4)  # registers [11, 12] and [13, 14] as they fill
-    assert mgr.stats.num_cached_blocks == 2
-    mgr.truncate("a", 1, written=False)
-    assert mgr.stats.num_cached_blocks == 0 and mgr.num_used_blocks == 1
-    assert mgr.allocate("b", [11, 12, 13, 14, 15]) == 0
-    # Written tokens dropped by a plain truncate stay findable.
-    fill(mgr, "a", mgr.append("a", 4, token_ids=[12, 13, 14, 15]), seed=2)
-    mgr.truncate("a", 2)
-    assert mgr.allocate("c", [11, 12, 13, 14, 15]) == 4
-    mgr.check_invariants()
-
-
 def test_forget_unwritten_keeps_the_blocks_and_earlier_prefixes():
     mgr = make_manager(block_size=2)
     mgr.allocate("a", [11, 12, 13, 14, 15])

@@ -133,7 +133,8 @@ class ManagerMachine(RuleBasedStateMachine):
         except OutOfBlocksError:
             assert self.snapshot() == before
             return
-        self.mgr.truncate(seq, start, written=False)
+        self.mgr.forget_unwritten(seq, start)
+        self.mgr.truncate(seq, start)
 
     @precondition(lambda self: self.resident())
     @rule(data=st.data(), n=st.integers(1, 5))
