@@ -14,8 +14,9 @@ Sections (each on the same model, stock and paged in the same run):
             vs stock on the same prompt (goal <= 0.1x). The second call asks for
             `--prefix-new-tokens` tokens (default 1: the time to the first token, the part
             prefix reuse saves; the decode steps after it cost the same on both sides)
-  manager   the manager's per-step overhead: one decode step for N sequences = append one
-            token to each + build the block tables and seq lens (goal: <= 200 us at 256 seqs).
+  manager   the manager's per-step overhead: one decode step for N sequences = plan a step
+            (one new token each, with its id) that builds the slot mapping, block tables and
+            seq lens, then commit it (goal: <= 200 us at 256 seqs).
 
 The model is a random Llama built from a config (no download; `--hidden`, `--layers`, `--heads`,
 `--kv-heads` size it), or `--model NAME_OR_PATH`. Memory: paged = the manager's blocks in use x
@@ -78,11 +79,10 @@ def bench_manager(num_seqs: int = 256, context: int = 512, repeats: int = 21) ->
     for s in seq_ids:
         mgr.allocate(s)
         mgr.append(s, context - num_seqs // 2 + s)  # ragged lengths around `context`
+    tokens = torch.randint(3, 1000, (num_seqs, 1))
 
     def step():
-        mgr.append_batch(seq_ids, 1)
-        mgr.block_tables(seq_ids)
-        mgr.seq_lens(seq_ids)
+        mgr.step(seq_ids, 1, token_ids=tokens).commit()
 
     per_step = median_time(step, repeats, inner=20)
     mgr.check_invariants()

@@ -2,47 +2,22 @@
 
 Models call `attention_interface(module, query, key, value, attention_mask, scaling=..., **kw)`.
 Ours ignores `key`, `value` and `attention_mask`: `PagedCache.update` already wrote the new K/V
-into the blocks, and causality, padding and sliding windows follow from the cache's block
-tables and sequence lengths. The mask function therefore returns None, which makes transformers
-skip building masks altogether.
-
-How the attention finds the cache: transformers >= 5.24 passes the kwargs dict it unpacks into
-the attention function to `cache.update(..., kwargs=kwargs)` too, so `update` puts the cache
-there. transformers 5.17 (and a few models in later versions) call `update` without it; for
-those the model's forward pre-hook (see `hf.py`) sets a forward context, the way vLLM's
-`set_forward_context` does, for the duration of that forward only.
+into the blocks, and causality, padding and sliding windows follow from the forward step's
+block tables and sequence lengths. The mask function therefore returns None, which makes
+transformers skip building masks altogether. How the attention finds the cache:
+`_forward_context`.
 """
 
 from __future__ import annotations
 
-import contextvars
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from ._hf_cache import PagedCache
+from . import _forward_context
 
 ATTN_NAME = "pagedkv"
-# The key under which `PagedCache.update` hands itself to the attention function.
-CACHE_KWARG = "pagedkv_cache"
 
 # Attention arguments that change the result and that the paged kernel does not implement.
 _UNSUPPORTED_KWARGS = ("s_aux", "sinks", "attention_chunk_size")
-
-# The PagedCache of the forward pass in progress; set by the model's forward pre-hook and reset
-# by its forward hook. A context variable, so concurrent threads see their own.
-_FORWARD_CACHE: contextvars.ContextVar[PagedCache | None] = contextvars.ContextVar(
-    "pagedkv_forward_cache", default=None
-)
-
-
-def set_forward_cache(cache: PagedCache | None) -> contextvars.Token:
-    return _FORWARD_CACHE.set(cache)
-
-
-def reset_forward_cache(token: contextvars.Token) -> None:
-    _FORWARD_CACHE.reset(token)
 
 
 def paged_attention_forward(
@@ -58,7 +33,7 @@ def paged_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: query `[B, Hq, q, D]` -> output `[B, q, Hq, D]`."""
-    cache = kwargs.get(CACHE_KWARG) or _FORWARD_CACHE.get()
+    cache = _forward_context.current(kwargs)
     if cache is None:
         raise RuntimeError(
             f"{type(module).__name__} runs attention_implementation={ATTN_NAME!r} outside a "

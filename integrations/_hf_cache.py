@@ -2,11 +2,14 @@
 
 One manager sequence per batch row. transformers sees one length for the whole batch (the
 columns it has fed, left padding included); the manager holds each row's real tokens only, since
-pads are never stored (slot -1). Per forward pass, `begin_forward` (called by the model's forward
-pre-hook with the attention mask) reserves the slots of every row once; then each layer's
-`update` writes its new K/V with one `write_kv` and `attend` runs `paged_attention` on the
-blocks. Nothing is gathered and no tensor grows. (Models whose attention bypasses transformers'
-registry get contiguous K/V from `update` instead, through `gather_kv`: see `_gathered`.)
+pads are never stored (slot -1). This class translates between the two: per forward pass,
+`begin_forward` (called by the model's forward pre-hook with the attention mask and input ids)
+plans one manager `Step` for every row (the real tokens each row lacks, with their ids; forks
+when generate expands rows for beams), every layer's `update` writes its K/V through the step and
+`attend` runs `paged_attention` on its blocks, and `end_forward` commits the step or, if the
+forward failed, aborts it, which leaves the rows as they were. Nothing is gathered and no tensor
+grows. (Models whose attention bypasses transformers' registry get contiguous K/V from `update`
+instead, through `gather_kv`: see `_gathered`.)
 
 Queries are packed `[batch * q_len, heads, head_dim]` with `q_len` queries per row, so a row's
 left pads are queries before its first real token: when nothing precedes them they see no key
@@ -23,9 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from pagedkv.kvcache import KVCacheManager
+from pagedkv.kvcache import KVCacheManager, Step
 
-from ._hf_attention import CACHE_KWARG
+from . import _forward_context
+from ._hf_padding import check_positions, real_tokens
 
 __all__ = ["PagedCache"]
 
@@ -59,29 +63,35 @@ class _PagedLayer(CacheLayerMixin):
 
 
 @dataclass
-class _Step:
-    """What one forward pass reads: computed once in `begin_forward`, used by every layer."""
+class _Forward:
+    """One forward pass in flight: its manager step and what transformers needs around it."""
 
-    slot_mapping: torch.Tensor  # int64 [batch * q_len]; -1 = pad or already cached (not written)
-    block_tables: torch.Tensor  # int32 [batch, max_blocks]
-    seq_lens: torch.Tensor  # int32 [batch], real tokens per row including this step's
-    query_start_loc: torch.Tensor | None  # int32 [batch + 1]; None when q_len == 1 (decode)
+    step: Step
     batch: int
     q_len: int
-    gather: bool = False  # return contiguous K/V from update (models outside the registry)
-    counted: bool = False  # whether `_seen` includes this step yet
-    written: set[int] = field(default_factory=set)  # layers that stored K/V this step
-    attended: dict[int, int | None] = field(default_factory=dict)  # layer -> its sliding window
+    gather: bool  # return contiguous K/V from update (models outside the registry)
+    before: tuple[list[Hashable], list[int], int]  # rows, fed, seen: restored on abort
+    counted: bool = False  # whether `_seen` includes this forward's columns yet
+    attended: dict[int, int | None] = field(default_factory=dict)  # layer -> sliding window
     gather_index: torch.Tensor | None = None  # padded [batch * width] position of each token
-    # rows before this step's forks, and the tokens each appended (to forget them on failure)
-    appended: tuple[Sequence[Hashable], Sequence[int]] = ((), ())
 
 
-def _free_rows(manager: KVCacheManager, rows: list[Hashable]) -> None:
-    for seq_id in rows:
-        if seq_id in manager:
-            manager.free(seq_id)
-    rows.clear()
+class _Held:
+    """What a cache holds in its manager: its rows and its open step. Released when the cache
+    is freed or garbage collected (a cache dropped mid-forward aborts its step first)."""
+
+    def __init__(self, manager: KVCacheManager) -> None:
+        self.manager = manager
+        self.rows: list[Hashable] = []  # manager sequence id of each batch row
+        self.step: Step | None = None
+
+    def release(self) -> None:
+        if self.step is not None:
+            self.step.abort()
+            self.step = None
+        for seq_id in self.rows:
+            self.manager.free(seq_id)
+        self.rows.clear()
 
 
 class PagedCache(Cache):
@@ -100,17 +110,13 @@ class PagedCache(Cache):
         super().__init__(layers=[_PagedLayer() for _ in range(manager.config.num_layers)])
         self.manager = manager
         self.extra_key = extra_key  # prefix-cache namespace (e.g. a model id)
-        self._rows: list[Hashable] = []  # manager sequence id of each batch row
+        self._held = _Held(manager)
+        self._rows = self._held.rows
         self._fed: list[int] = []  # real tokens of each row that transformers has fed so far
         self._seen = 0  # columns fed (transformers' view of the length; pads included)
-        self._step: _Step | None = None
-        self.last_step: _Step | None = None  # the latest finished forward's step (inspection)
-        # Token bookkeeping for `row_tokens` (None = not recorded): each row's tokens cached at
-        # the start, then ("feed", input_ids, new tokens per row) / ("perm", source rows) /
-        # ("crop", n) in order. Replayed once, at the end of a generate call.
-        self._base: list[list[int]] | None = None
-        self._history: list[tuple] | None = None
-        self._finalizer = weakref.finalize(self, _free_rows, manager, self._rows)
+        self._forward: _Forward | None = None
+        self.last_forward: _Forward | None = None  # the latest ended forward (inspection)
+        self._finalizer = weakref.finalize(self, self._held.release)
 
     # ---- sequences ------------------------------------------------------------------------
     @property
@@ -159,38 +165,15 @@ class PagedCache(Cache):
         start = min((p + c for p, c in zip(num_pads, cached, strict=True)), default=0)
         self._fed[:] = [max(0, start - p) for p in num_pads]
         self._seen = start
-        self._base = [list(t[:c]) for t, c in zip(prompts, cached, strict=True)]
-        self._history = []
         return cached
-
-    def row_tokens(self) -> list[list[int]] | None:
-        """The token ids each row holds, when every step's tokens were recorded, else None.
-
-        Recorded from `allocate_prompts` on, for forwards that receive `input_ids`; the generate
-        hook uses it to register the full blocks of every row, beams included, for reuse.
-        """
-        if self._history is None or self._base is None:
-            return None
-        rows = [list(b) for b in self._base]
-        for entry in self._history:
-            if entry[0] == "perm":
-                rows = [list(rows[j]) for j in entry[1]]
-            elif entry[0] == "crop":
-                rows = [r[: max(0, len(r) - entry[1])] for r in rows]
-            else:
-                ids, new = entry[1].tolist(), entry[2]
-                for row, row_ids, n in zip(rows, ids, new, strict=True):
-                    if n:
-                        row.extend(row_ids[len(row_ids) - n :])
-        return rows
 
     def free(self) -> None:
         """Release every row's blocks (registered prefix blocks stay reusable)."""
-        _free_rows(self.manager, self._rows)
+        if self._forward is not None:
+            self._end(self._forward, ok=False)
+        self._held.release()
         self._fed.clear()
         self._seen = 0
-        self._step = None
-        self._base = self._history = None
 
     # ---- one forward pass -----------------------------------------------------------------
     def begin_forward(
@@ -203,15 +186,17 @@ class PagedCache(Cache):
         input_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> None:
-        """Reserve this forward's slots (all layers) and build its block tables and lengths.
+        """Plan this forward's step for every row (all layers): slots, block tables, lengths.
 
         With `gather`, `update` returns each layer's K/V as contiguous left-padded tensors for
         a model whose own attention code reads them (falcon, bloom, mpt: outside the registry).
-        `input_ids` (`[batch, q_len]`), when known, feed the token record of `row_tokens`;
-        `position_ids`, when known, are checked against the rows on multi-token steps.
+        `input_ids` (`[batch, q_len]`), when known, give the manager the new tokens' ids (so
+        the blocks they fill join the prefix cache); `position_ids`, when known, are checked
+        against the rows on multi-token steps. A forward begun here and never ended is aborted
+        first.
         """
-        if self._step is not None:
-            raise RuntimeError("PagedCache: a forward pass is already in flight on this cache")
+        if self._forward is not None:
+            self._end(self._forward, ok=False)
         if attention_mask is not None and attention_mask.shape[-1] != self._seen + q_len:
             raise RuntimeError(
                 f"the forward feeds {q_len} new columns with an attention mask of width "
@@ -229,160 +214,66 @@ class PagedCache(Cache):
                 f"PagedCache holds {len(self._rows)} rows but the forward has batch size {batch}"
             )
         expand = batch // len(self._rows)  # generate repeats prompts for beams / return seqs
-        real = self._real_tokens(attention_mask, q_len, expand)
+        real = real_tokens(attention_mask, len(self._rows), q_len, expand)
         if position_ids is not None and q_len > 1:
-            self._check_positions(position_ids, q_len, expand, real)
+            check_positions(position_ids, self._fed, real, q_len, expand)
         # tokens each row appends: the real ones it does not hold yet (the window's last ones)
         new = [
             max(0, f + r - self.manager.seq_len(s))
             for s, f, r in zip(self._rows, self._fed, real, strict=True)
         ]
-        parents = list(self._rows)
-        slots = self._reserve(new, q_len, expand)
+        ids = None
+        if input_ids is not None and tuple(input_ids.shape) == (batch, q_len):
+            window = input_ids[::expand].tolist()
+            ids = [row[q_len - n :] for row, n in zip(window, new, strict=True)]
+        forks = None
+        if expand > 1:
+            forks = [[self._new_id() for _ in range(expand - 1)] for _ in self._rows]
+        step = self.manager.step(self._rows, new, token_ids=ids, num_queries=q_len, forks=forks)
+        before = (list(self._rows), list(self._fed), self._seen)
+        self._held.step = step
+        self._rows[:] = step.seq_ids
+        self._fed[:] = [f + r for f, r in zip(self._fed, real, strict=True) for _ in range(expand)]
+        self._forward = _Forward(step, batch, q_len, gather, before)
+        _forward_context.enter(self)
 
-        fed = [f + r for f, r in zip(self._fed, real, strict=True)]
-        self._fed[:] = [f for f in fed for _ in range(expand)]
-        if self._history is not None:
-            if input_ids is None or tuple(input_ids.shape) != (batch, q_len):
-                self._history = None  # tokens unknown from here on: stop recording
-            else:
-                if expand > 1:
-                    self._history.append(("perm", [i // expand for i in range(batch)]))
-                self._history.append(("feed", input_ids, [n for n in new for _ in range(expand)]))
-        device = slots.device
-        self._step = _Step(
-            slot_mapping=slots,
-            block_tables=self.manager.block_tables(self._rows),
-            seq_lens=self.manager.seq_lens(self._rows),
-            query_start_loc=None
-            if q_len == 1
-            else torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device),
-            batch=batch,
-            q_len=q_len,
-            gather=gather,
-            appended=(parents, new),
-        )
+    def end_forward(self, ok: bool = True) -> bool:
+        """Close the forward: commit its step when it returned (`ok`) with every layer's K/V
+        written, abort it otherwise (the rows are then as before it). Returns whether it
+        committed."""
+        if self._forward is None:
+            return False
+        return self._end(self._forward, ok)
 
-    def _reserve(self, new: list[int], q_len: int, expand: int) -> torch.Tensor:
-        """Append `new[i]` tokens to row i; with `expand`, fork each row into that many rows.
+    def _end(self, forward: _Forward, ok: bool) -> bool:
+        self._forward, self.last_forward, self._held.step = None, forward, None
+        _forward_context.leave(self)
+        step = forward.step
+        if ok and len(step.layers_written) == self.manager.config.num_layers:
+            self._count(forward)
+            step.commit()
+            return True
+        step.abort()
+        self._rows[:], self._fed[:], self._seen = forward.before
+        return False
 
-        Returns the slot mapping `[rows * expand * q_len]` (a row's new tokens are the last of
-        its window; the rest and every fork's window are -1: the forks share the parent's
-        blocks, this step's included). All or nothing: on error the rows are as before.
-        """
-        mgr, rows = self.manager, self._rows
-        if expand == 1 and all(n == q_len for n in new):
-            return mgr.append_batch(rows, q_len)  # the decode hot path; all or nothing itself
-        appended: list[tuple[Hashable, int]] = []
-        forked: list[Hashable] = []
-        try:
-            slots = torch.full(
-                (len(rows), expand, q_len), -1, dtype=torch.int64, device=mgr.cache.pool.device
-            )
-            for i, (seq_id, n) in enumerate(zip(rows, new, strict=True)):
-                if n:
-                    old = mgr.seq_len(seq_id)
-                    slots[i, 0, q_len - n :] = mgr.append(seq_id, n)
-                    appended.append((seq_id, old))
-            grown = []
-            for seq_id in rows:
-                grown.append(seq_id)
-                for _ in range(expand - 1):
-                    child = self._new_id()
-                    mgr.fork(seq_id, child)
-                    forked.append(child)
-                    grown.append(child)
-        except BaseException:
-            for child in forked:
-                mgr.free(child)
-            for seq_id, old in appended:
-                if mgr.seq_len(seq_id) > old:
-                    mgr.forget_unwritten(seq_id, old)  # registered as reserved, never written
-                    mgr.truncate(seq_id, old)
-            raise
-        rows[:] = grown
-        return slots.view(-1)
-
-    def _real_tokens(
-        self, attention_mask: torch.Tensor | None, q_len: int, expand: int
-    ) -> list[int]:
-        """Real (non-pad) tokens in each row's window of `q_len` new columns."""
-        n = len(self._rows)
-        if attention_mask is None or q_len == 1:
-            return [q_len] * n  # a decode step's new column is never padding
-        if attention_mask.ndim != 2:
-            raise ValueError(
-                "pagedkv attention takes a 2-D padding mask [batch, length]; got a "
-                f"{attention_mask.ndim}-D attention_mask"
-            )
-        window = attention_mask[::expand, -q_len:].to("cpu", torch.bool)
-        if window.shape[1] < q_len:
-            return [q_len] * n
-        if bool((window[:, 1:] < window[:, :-1]).any()):
-            raise ValueError(
-                "pagedkv needs left padding (pads before the tokens); the attention_mask has "
-                "a 0 after a 1. Use tokenizer.padding_side = 'left'."
-            )
-        return window.sum(1).tolist()
-
-    def _check_positions(
-        self, position_ids: torch.Tensor, q_len: int, expand: int, real: list[int]
-    ) -> None:
-        """Each row's first new real token must sit right after the real tokens fed so far.
-
-        Catches a caller that feeds again tokens the cache holds (as a pre-filled cache given
-        to a generate mode that ignores it would): that would be silently wrong otherwise.
-        """
-        if position_ids.ndim != 2 or position_ids.shape[-1] < q_len:
-            return  # e.g. multimodal 3-D positions: not ours to interpret
-        first = position_ids[:, -q_len:].to("cpu")
-        if first.shape[0] == 1:
-            first = first.expand(len(self._rows) * expand, -1)
-        first = first[::expand]
-        for b, (fed, r) in enumerate(zip(self._fed, real, strict=True)):
-            if r and int(first[b, q_len - r]) != fed:
-                raise RuntimeError(
-                    f"row {b}: the forward's first new token has position "
-                    f"{int(first[b, q_len - r])}, but the cache holds {fed} tokens of that row "
-                    "(tokens fed again, or positions that do not follow the cache)"
-                )
-
-    def _count(self, step: _Step) -> None:
-        """Add the step's columns to the length transformers sees.
+    def _count(self, forward: _Forward) -> None:
+        """Add the forward's columns to the length transformers sees.
 
         Like `DynamicCache`, whose length grows when layer 0 stores the step: before that
         (position ids, mask sizes) the model reads the past length, after it the new one.
         """
-        if not step.counted:
-            step.counted = True
-            self._seen += step.q_len
+        if not forward.counted:
+            forward.counted = True
+            self._seen += forward.q_len
 
-    def end_forward(self) -> bool:
-        """Close the step; returns whether every layer stored its K/V (False: it failed).
-
-        A failed step's slots hold garbage in some layers: the blocks holding them leave the
-        prefix cache (the manager registers a prompt's blocks as they are reserved), and the
-        rows stop registering blocks. Other cached prefixes stay.
-        """
-        step = self._step
-        if step is not None:
-            self._count(step)
-        self.last_step, self._step = step, None
-        ok = step is None or len(step.written) == self.manager.config.num_layers
-        if not ok:
-            mgr = self.manager
-            for seq_id, n in zip(*step.appended, strict=True):
-                if n and seq_id in mgr:
-                    mgr.forget_unwritten(seq_id, mgr.seq_len(seq_id) - n)
-        return ok
-
-    def _current(self) -> _Step:
-        if self._step is None:
+    def _current(self) -> _Forward:
+        if self._forward is None:
             raise RuntimeError(
                 "PagedCache used outside a forward of a model prepared with "
-                "enable_paged_attention (its forward pre-hook starts each step)"
+                "enable_paged_attention (its forward wrapper starts each step)"
             )
-        return self._step
+        return self._forward
 
     # ---- transformers Cache API -----------------------------------------------------------
     def update(
@@ -393,34 +284,33 @@ class PagedCache(Cache):
         Returns the inputs unchanged (pagedkv attention reads the blocks, not these). With
         `kwargs=` (transformers >= 5.24) the cache is handed to the attention function there.
         """
-        step = self._current()
+        forward = self._current()
         batch, heads, q_len, head_dim = key_states.shape
         cfg = self.manager.config
-        if (batch, q_len) != (step.batch, step.q_len) or (heads, head_dim) != (
+        if (batch, q_len) != (forward.batch, forward.q_len) or (heads, head_dim) != (
             cfg.num_kv_heads,
             cfg.head_dim,
         ):
             raise ValueError(
                 f"layer {layer_idx} K/V has [batch, kv_heads, q_len, head_dim] = "
-                f"{list(key_states.shape)}; the cache expects [{step.batch}, {cfg.num_kv_heads}, "
-                f"{step.q_len}, {cfg.head_dim}]"
+                f"{list(key_states.shape)}; the cache expects [{forward.batch}, "
+                f"{cfg.num_kv_heads}, {forward.q_len}, {cfg.head_dim}]"
             )
         dtype = cfg.torch_dtype
         key = key_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim).to(dtype)
         value = value_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim).to(dtype)
-        self.manager.cache.write(layer_idx, key, value, step.slot_mapping)
-        step.written.add(layer_idx)
+        forward.step.write(layer_idx, key, value)
         if layer_idx == 0:
-            self._count(step)
-        if step.gather:
-            return self._gathered(layer_idx, step, key_states.dtype)
+            self._count(forward)
+        if forward.gather:
+            return self._gathered(layer_idx, forward, key_states.dtype)
         model_kwargs = kwargs.get("kwargs")
         if isinstance(model_kwargs, dict):
-            model_kwargs[CACHE_KWARG] = self
+            model_kwargs[_forward_context.CACHE_KWARG] = self
         return key_states, value_states
 
     def _gathered(
-        self, layer_idx: int, step: _Step, dtype: torch.dtype
+        self, layer_idx: int, forward: _Forward, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer K/V as `[batch, kv_heads, width, head_dim]`, each row's tokens right-aligned.
 
@@ -428,19 +318,20 @@ class PagedCache(Cache):
         mask lines up: its pad columns are zeros here, its real columns are the row's tokens.
         """
         width = self._seen
-        if step.gather_index is None:  # once per step, shared by all layers
+        step = forward.step
+        if forward.gather_index is None:  # once per step, shared by all layers
             lens = step.seq_lens.to(torch.int64)
             pos = torch.arange(width, device=lens.device)
-            rows = torch.arange(step.batch, device=lens.device)[:, None] * width
-            step.gather_index = (rows + pos)[pos >= width - lens[:, None]]
-        key, value = self.manager.cache.gather(layer_idx, step.block_tables, step.seq_lens)
+            rows = torch.arange(forward.batch, device=lens.device)[:, None] * width
+            forward.gather_index = (rows + pos)[pos >= width - lens[:, None]]
+        key, value = step.gather(layer_idx)
         cfg = self.manager.config
-        shape = (step.batch * width, cfg.num_kv_heads, cfg.head_dim)
+        shape = (forward.batch * width, cfg.num_kv_heads, cfg.head_dim)
         padded = []
         for packed in (key, value):
             out = packed.new_zeros(shape)
-            out[step.gather_index] = packed
-            out = out.view(step.batch, width, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            out[forward.gather_index] = packed
+            out = out.view(forward.batch, width, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
             padded.append(out.to(dtype))
         return padded[0], padded[1]
 
@@ -454,15 +345,12 @@ class PagedCache(Cache):
         softcap: float | None = None,
     ) -> torch.Tensor:
         """`paged_attention` of packed queries `[batch * q_len, heads, head_dim]` on the blocks."""
-        step = self._current()
-        step.attended[layer_idx] = sliding_window
-        out = self.manager.cache.attend(
+        forward = self._current()
+        forward.attended[layer_idx] = sliding_window
+        out = forward.step.attend(
             layer_idx,
             query.to(self.manager.config.torch_dtype),
-            step.block_tables,
-            step.seq_lens,
             scale=scale,
-            query_start_loc=step.query_start_loc,
             causal=True,
             sliding_window=sliding_window,
             softcap=softcap,
@@ -483,8 +371,6 @@ class PagedCache(Cache):
         src = [int(i) for i in beam_idx.tolist()]
         self.manager.reorder(self._rows, src)
         self._fed[:] = [self._fed[i] for i in src]
-        if self._history is not None:
-            self._history.append(("perm", src))
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` tokens (a positive value is the legacy new length)."""
@@ -496,8 +382,6 @@ class PagedCache(Cache):
             self.manager.truncate(seq_id, max(0, self.manager.seq_len(seq_id) - remove))
         self._fed[:] = [max(0, f - remove) for f in self._fed]
         self._seen = max(0, self._seen - remove)
-        if self._history is not None:
-            self._history.append(("crop", remove))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.batch_select_indices(torch.arange(len(self._rows)).repeat_interleave(repeats))
@@ -520,8 +404,6 @@ class PagedCache(Cache):
                 self.manager.free(seq_id)
         self._rows[:] = new_rows
         self._fed[:] = [fed[i] for i in picked]
-        if self._history is not None:
-            self._history.append(("perm", picked))
 
     def reset(self) -> None:
         self.free()

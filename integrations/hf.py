@@ -10,18 +10,19 @@
    attention implementation (and its sub-configs') to it. Models whose attention bypasses
    transformers' registry (falcon, bloom, mpt) keep their own attention, which reads K/V that
    `PagedCache.update` gathers from the blocks (`gather_kv`);
-2. adds a forward pre-hook / hook pair: the pre-hook finds the `PagedCache` among the forward's
-   arguments (or makes a transient one), reserves this step's slots from the attention mask,
-   and opens the forward context the attention reads when a model does not pass `kwargs` to
-   `cache.update`; the hook closes it;
-3. replaces the instance's `generate`: a call without a cache (or with an empty `PagedCache`)
+2. wraps the instance's `forward`: it finds the `PagedCache` among the arguments (or makes a
+   transient one), has it plan this forward's manager step from the attention mask and input
+   ids, runs the model, then commits the step, or aborts it if anything was raised (Ctrl-C
+   included), which leaves the cache as it was before the forward;
+3. wraps the instance's `generate`: a call without a cache (or with an empty `PagedCache`)
    gets rows that start from the longest cached prefix of their prompts (transformers computes
-   only the rest), and whose full blocks (prompt + answer) are registered for reuse when the
-   call ends. A cache the hook made is freed when the call ends, whether it returns or raises.
+   only the rest); the full blocks each step fills (prompt and answer) join the prefix cache
+   as the step commits. A cache made here is freed when the call ends, whether it returns or
+   raises (Ctrl-C included).
 
 A one-token probe forward at enable time checks that every layer stores its K/V in the paged
 cache (and attends through pagedkv), so an unsupported model fails there, naming itself and the
-reason, instead of generating wrong tokens. `disable_paged_attention` removes all three.
+reason, instead of generating wrong tokens. `disable_paged_attention` undoes all three.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from pagedkv.kvcache import KVCacheConfig, KVCacheManager, OutOfBlocksError
 
-from ._hf_attention import ATTN_NAME, register, reset_forward_cache, set_forward_cache
+from ._hf_attention import ATTN_NAME, register
 from ._hf_cache import PagedCache
+from ._hf_padding import check_left_padded
 
 __all__ = [
     "ATTN_NAME",
@@ -49,6 +51,7 @@ __all__ = [
 
 _STATE_ATTR = "_pagedkv_state"
 _CACHE_KEYS = ("cache", "past_key_values")
+_MISSING = object()
 
 
 @dataclass
@@ -58,11 +61,10 @@ class _PagedState:
     manager: KVCacheManager
     cache_kwarg: str  # "cache" (transformers >= 5.24) or "past_key_values"
     saved_impls: list[tuple[PretrainedConfig, Any]]
-    generate_in_dict: bool  # whether the instance had its own `generate` attribute
-    saved_generate: Any
-    hooks: list = field(default_factory=list)
+    model_config: PretrainedConfig
     gather: bool = False  # the model's own attention reads gathered K/V (outside the registry)
-    in_flight: list = field(default_factory=list)  # (cache, context token, transient) per forward
+    # The instance's own `forward` / `generate` attributes before, or _MISSING (class methods).
+    saved_attrs: dict[str, Any] = field(default_factory=dict)
 
 
 def enable_paged_attention(
@@ -106,19 +108,13 @@ def enable_paged_attention(
         manager=manager,
         cache_kwarg=_cache_kwarg(model),
         saved_impls=saved,
-        generate_in_dict="generate" in model.__dict__,
-        saved_generate=model.__dict__.get("generate"),
+        model_config=model.config,
         gather=gather,
     )
-    state.hooks.append(
-        model.register_forward_pre_hook(functools.partial(_pre_forward, state), with_kwargs=True)
-    )
-    state.hooks.append(
-        model.register_forward_hook(functools.partial(_post_forward, state), always_call=True)
-    )
-    model.generate = functools.wraps(model.generate)(
-        functools.partial(_paged_generate, state, model.generate)
-    )
+    for name, wrapper in (("forward", _paged_forward), ("generate", _paged_generate)):
+        state.saved_attrs[name] = model.__dict__.get(name, _MISSING)
+        original = getattr(model, name)
+        setattr(model, name, functools.wraps(original)(functools.partial(wrapper, state, original)))
     setattr(model, _STATE_ATTR, state)
     try:
         _probe(model, state)
@@ -133,12 +129,11 @@ def disable_paged_attention(model: PreTrainedModel) -> None:
     state = model.__dict__.pop(_STATE_ATTR, None)
     if state is None:
         raise ValueError(f"paged attention is not enabled on this {type(model).__name__}")
-    for handle in state.hooks:
-        handle.remove()
-    if state.generate_in_dict:
-        model.generate = state.saved_generate
-    else:
-        del model.__dict__["generate"]
+    for name, saved in state.saved_attrs.items():
+        if saved is _MISSING:
+            del model.__dict__[name]
+        else:
+            setattr(model, name, saved)
     _restore_impls(state.saved_impls)
 
 
@@ -176,7 +171,7 @@ def _probe(model: PreTrainedModel, state: _PagedState) -> None:
     try:
         with torch.no_grad():
             model(input_ids=token, use_cache=True, **{state.cache_kwarg: cache})
-        step = cache.last_step
+        forward = cache.last_forward
     except NotImplementedError as err:
         raise ValueError(
             f"{type(model).__name__} ({model.config.model_type}) cannot run on pagedkv: {err}"
@@ -185,19 +180,18 @@ def _probe(model: PreTrainedModel, state: _PagedState) -> None:
         cache.free()
     layers = set(range(state.manager.config.num_layers))
     problems = []
-    if step is None:
-        problems.append("its forward did not run the pagedkv hooks")
+    if forward is None:
+        problems.append("its forward did not run through pagedkv")
     else:
-        if step.written != layers:
+        written = set(forward.step.layers_written)
+        if written != layers:
+            problems.append(f"layers {sorted(layers - written)} did not store K/V in the cache")
+        if not state.gather and set(forward.attended) != layers:
             problems.append(
-                f"layers {sorted(layers - step.written)} did not store K/V in the cache"
-            )
-        if not state.gather and set(step.attended) != layers:
-            problems.append(
-                f"layers {sorted(layers - set(step.attended))} did not call pagedkv attention"
+                f"layers {sorted(layers - set(forward.attended))} did not call pagedkv attention"
             )
         elif not state.gather:
-            unwindowed = [i for i in _sliding_layers(model) if not step.attended.get(i)]
+            unwindowed = [i for i in _sliding_layers(model) if not forward.attended.get(i)]
             if unwindowed:
                 problems.append(
                     f"layers {unwindowed} have a sliding window in the config but do not pass "
@@ -246,27 +240,53 @@ def _cache_kwarg(model: PreTrainedModel) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-# ---- forward hooks --------------------------------------------------------------------------
-def _pre_forward(state: _PagedState, module, args, kwargs):
-    key = next((k for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
-    cache = kwargs[key] if key else None
-    transient = False
+# ---- forward -------------------------------------------------------------------------------
+def _paged_forward(state: _PagedState, forward, *args, **kwargs):
+    """The model's forward, as one manager step of its `PagedCache` (committed if it returns,
+    aborted if anything is raised)."""
+    cache, transient = _forward_cache(state, kwargs)
     if cache is None:
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(module.config, "use_cache", True)
-        if state.gather and not use_cache:
-            state.in_flight.append(None)  # the model's own attention needs no cache
-            return args, kwargs
-        cache = PagedCache(state.manager)
-        kwargs[state.cache_kwarg] = cache
-        transient = not use_cache  # freed after this forward, and kept out of its output
-    elif not isinstance(cache, PagedCache):
-        raise TypeError(
-            f"{type(module).__name__} runs pagedkv attention, which reads a PagedCache; got a "
-            f"{type(cache).__name__}. Pass no cache or a PagedCache, or call "
-            "disable_paged_attention(model) first."
-        )
+        return forward(*args, **kwargs)  # the model's own attention needs no cache
+    try:
+        _begin_forward(state, cache, args, kwargs)
+        output = forward(*args, **kwargs)
+    except BaseException:
+        cache.end_forward(ok=False)
+        if transient:
+            cache.free()
+        raise
+    cache.end_forward()
+    if transient:
+        cache.free()
+        for key in _CACHE_KEYS:  # generate would feed it back otherwise
+            if isinstance(output, dict) and output.get(key) is cache:
+                output[key] = None
+    return output
+
+
+def _forward_cache(state: _PagedState, kwargs: dict) -> tuple[PagedCache | None, bool]:
+    """The forward's cache (put into `kwargs` when made here), and whether it is transient:
+    made for this forward alone (no cache given, use_cache off) and freed after it."""
+    cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+    if cache is not None:
+        if not isinstance(cache, PagedCache):
+            raise TypeError(
+                "this model runs pagedkv attention, which reads a PagedCache; got a "
+                f"{type(cache).__name__}. Pass no cache or a PagedCache, or call "
+                "disable_paged_attention(model) first."
+            )
+        return cache, False
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(state.model_config, "use_cache", True)
+    if state.gather and not use_cache:
+        return None, False
+    cache = PagedCache(state.manager)
+    kwargs[state.cache_kwarg] = cache
+    return cache, not use_cache
+
+
+def _begin_forward(state: _PagedState, cache: PagedCache, args: tuple, kwargs: dict) -> None:
     inputs = kwargs.get("input_ids")
     if inputs is None:
         inputs = kwargs.get("inputs_embeds")
@@ -285,25 +305,6 @@ def _pre_forward(state: _PagedState, module, args, kwargs):
         input_ids=token_ids,
         position_ids=kwargs.get("position_ids"),
     )
-    state.in_flight.append((cache, set_forward_cache(cache), transient))
-    return args, kwargs
-
-
-def _post_forward(state: _PagedState, module, args, output):
-    if not state.in_flight:
-        return None  # the pre-hook raised before opening the step
-    entry = state.in_flight.pop()
-    if entry is None:
-        return None
-    cache, token, transient = entry
-    cache.end_forward()  # a failed step takes its unwritten blocks out of the prefix cache
-    reset_forward_cache(token)
-    if transient:
-        cache.free()
-        for key in _CACHE_KEYS:  # generate would feed it back otherwise
-            if isinstance(output, dict) and output.get(key) is cache:
-                output[key] = None
-    return None
 
 
 # ---- generate -------------------------------------------------------------------------------
@@ -352,17 +353,11 @@ def _paged_generate(state: _PagedState, generate, *args, **kwargs):
                 mask = _infer_attention_mask(input_ids, gen_config, kwargs)
                 kwargs["attention_mask"] = mask
             host_ids, host_mask = input_ids.cpu(), mask.cpu().bool()
-            if bool((host_mask[:, 1:] < host_mask[:, :-1]).any()):
-                raise ValueError(
-                    "pagedkv needs left padding (pads before the tokens); the attention_mask has "
-                    "a 0 after a 1. Use tokenizer.padding_side = 'left'."
-                )
+            check_left_padded(host_mask)
             prompts = [row[m].tolist() for row, m in zip(host_ids, host_mask, strict=True)]
             pads = (~host_mask).sum(1).tolist()
             cache.allocate_prompts(prompts, pads, reuse=_starts_from_cache(gen_config, kwargs))
         out = generate(*args, **kwargs)
-        if input_ids is not None:
-            _register_blocks(cache)
     except OutOfBlocksError as err:
         cache.free()
         cfg = state.manager.config
@@ -414,14 +409,3 @@ def _infer_attention_mask(input_ids: torch.Tensor, gen_config, kwargs) -> torch.
     if pad is None or pad in eos or not bool((input_ids == pad).any()):
         return torch.ones_like(input_ids)
     return input_ids.ne(pad).long()
-
-
-def _register_blocks(cache: PagedCache) -> None:
-    """Hash the full blocks of every row (prompt + answer, beams too) for later calls."""
-    tokens = cache.row_tokens()
-    if tokens is None:
-        return  # some step's tokens are unknown (e.g. fed as embeddings)
-    mgr = cache.manager
-    for seq_id, row in zip(cache.seq_ids, tokens, strict=True):
-        if len(row) == mgr.seq_len(seq_id):  # the record matches what the row holds
-            mgr.register_prefix(seq_id, row, extra_key=cache.extra_key)

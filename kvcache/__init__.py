@@ -1,10 +1,13 @@
 """The KV-cache core: configuration, blocks, the block pool, device tensors, swap, manager."""
 
-from .allocator import BlockHash, KVCacheAllocator, OutOfBlocksError
-from .block import KVCacheBlock, KVCacheBlocks
+from .allocator import KVCacheAllocator, OutOfBlocksError
+from .block import BlockHash, KVCacheBlock
+from .block_table import KVCacheBlocks
 from .config import DeviceType, DType, KVCacheConfig
-from .manager import KVCacheManager, KVCacheStats
+from .manager import KVCacheManager
 from .paged_cache import PagedKVCache
+from .stats import KVCacheStats
+from .step import Step
 from .transfer import KVCacheTransfer
 
 __all__ = [
@@ -20,4 +23,5 @@ __all__ = [
     "KVCacheTransfer",
     "OutOfBlocksError",
     "PagedKVCache",
+    "Step",
 ]

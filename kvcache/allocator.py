@@ -7,12 +7,11 @@ at the head of the free queue so they are reused before any cached prefix is evi
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Iterable
 
-from .block import KVCacheBlock
+from .block import BlockHash, FreeBlockQueue, KVCacheBlock
 
-__all__ = ["BlockHash", "KVCacheAllocator", "OutOfBlocksError", "hash_block_tokens"]
+__all__ = ["KVCacheAllocator", "OutOfBlocksError"]
 
 
 class OutOfBlocksError(RuntimeError):
@@ -26,78 +25,6 @@ class OutOfBlocksError(RuntimeError):
         super().__init__(message)
 
 
-class BlockHash(NamedTuple):
-    """Prefix-cache key of a full block: chained through the parent block's hash.
-
-    The dictionary lookup compares the token ids themselves, so two blocks collide only if the
-    64-bit hashes of their whole prefixes do, not merely of their own tokens.
-    """
-
-    parent: int | None
-    token_ids: tuple[int, ...]
-    extra_key: Hashable = None
-
-    @property
-    def value(self) -> int:
-        return hash(self)
-
-
-def hash_block_tokens(
-    parent: BlockHash | None, token_ids: Sequence[int], extra_key: Hashable = None
-) -> BlockHash:
-    return BlockHash(None if parent is None else parent.value, tuple(token_ids), extra_key)
-
-
-class _FreeQueue:
-    """Doubly linked list of free blocks, threaded through the blocks themselves.
-
-    Hand-made because the allocator must remove a block from the middle (a cache hit on a free
-    block) in O(1) and without allocating: `collections.deque.remove` is O(n), and an
-    OrderedDict allocates a node per insertion.
-    """
-
-    def __init__(self, blocks: Iterable[KVCacheBlock]) -> None:
-        self._head = KVCacheBlock(-1)  # sentinels: never handed out
-        self._tail = KVCacheBlock(-1)
-        self._head.next_free, self._tail.prev_free = self._tail, self._head
-        self.size = 0
-        for block in blocks:
-            self.push_back(block)
-
-    def _link(self, block: KVCacheBlock, prev: KVCacheBlock, nxt: KVCacheBlock) -> None:
-        assert block.prev_free is None and block.next_free is None, (
-            f"block {block.block_id} is already in the free queue"
-        )
-        block.prev_free, block.next_free = prev, nxt
-        prev.next_free = nxt.prev_free = block
-        self.size += 1
-
-    def push_back(self, block: KVCacheBlock) -> None:
-        self._link(block, self._tail.prev_free, self._tail)
-
-    def push_front(self, block: KVCacheBlock) -> None:
-        self._link(block, self._head, self._head.next_free)
-
-    def remove(self, block: KVCacheBlock) -> None:
-        prev, nxt = block.prev_free, block.next_free
-        assert prev is not None and nxt is not None, f"block {block.block_id} is not free"
-        prev.next_free, nxt.prev_free = nxt, prev
-        block.prev_free = block.next_free = None
-        self.size -= 1
-
-    def pop_front(self) -> KVCacheBlock:
-        block = self._head.next_free
-        assert block is not self._tail, "pop from an empty free queue"
-        self.remove(block)
-        return block
-
-    def __iter__(self):
-        block = self._head.next_free
-        while block is not self._tail:
-            yield block
-            block = block.next_free
-
-
 class KVCacheAllocator:
     """Owns every `KVCacheBlock`: allocation, ref counts, prefix-cache index, LRU eviction."""
 
@@ -107,7 +34,7 @@ class KVCacheAllocator:
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        self._free = _FreeQueue(self.blocks)
+        self._free = FreeBlockQueue(self.blocks)
         # Full blocks registered for prefix reuse, free or in use: key -> block.
         self._cached: dict[BlockHash, KVCacheBlock] = {}
         self.num_evictions = 0
@@ -137,15 +64,12 @@ class KVCacheAllocator:
         for _ in range(n):
             block = self._free.pop_front()
             if block.block_hash is not None:
-                self._evict(block)
+                self.unregister(block)
+                self.num_evictions += 1
             block.ref_count = 1
             out.append(block)
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
         return out
-
-    def try_allocate(self, n: int) -> list[KVCacheBlock] | None:
-        """Like `allocate`, but returns None when the pool is short."""
-        return self.allocate(n) if n <= self._free.size else None
 
     def free(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one reference from each block; blocks reaching zero join the free queue.
@@ -154,7 +78,8 @@ class KVCacheAllocator:
         so a shared prefix survives longest.
         """
         for block in blocks:
-            block.decr_ref()
+            assert block.ref_count > 0, f"block {block.block_id}: ref count would go below zero"
+            block.ref_count -= 1
             if block.ref_count == 0:
                 if block.block_hash is None:
                     self._free.push_front(block)
@@ -166,7 +91,7 @@ class KVCacheAllocator:
         for block in blocks:
             if block.ref_count == 0:
                 self._free.remove(block)
-            block.incr_ref()
+            block.ref_count += 1
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
 
     def reset_peak(self) -> None:
@@ -196,23 +121,18 @@ class KVCacheAllocator:
         """Take a block out of the prefix cache (its content is about to change)."""
         if block.block_hash is not None:
             del self._cached[block.block_hash]
-            block.reset_hash()
-
-    def _evict(self, block: KVCacheBlock) -> None:
-        del self._cached[block.block_hash]
-        block.reset_hash()
-        self.num_evictions += 1
+            block.block_hash = None
 
     def reset_prefix_cache(self) -> int:
         """Forget every registered hash (blocks in use keep their data). Returns how many."""
         n = len(self._cached)
         for block in self._cached.values():
-            block.reset_hash()
+            block.block_hash = None
         self._cached.clear()
         return n
 
     def check_invariants(self, owners: dict[int, int] | None = None) -> None:
-        """Assert the pool is consistent; `owners` maps block_id -> number of owning sequences."""
+        """Assert the pool is consistent; `owners` maps block_id -> number of holders."""
         free_ids = {b.block_id for b in self._free}
         assert len(free_ids) == self._free.size, "free queue size is off or holds a block twice"
         for block in self.blocks:
@@ -223,7 +143,7 @@ class KVCacheAllocator:
             if owners is not None:
                 assert owners.get(block.block_id, 0) == block.ref_count, (
                     f"block {block.block_id}: ref_count {block.ref_count} but "
-                    f"{owners.get(block.block_id, 0)} owners"
+                    f"{owners.get(block.block_id, 0)} holders"
                 )
             if block.block_hash is not None:
                 assert self._cached.get(block.block_hash) is block, (

@@ -1,13 +1,35 @@
-"""What a block is, and the ordered list of blocks one sequence owns."""
+"""What a block is: its bookkeeping record, its prefix-cache key, and the queue of free blocks."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-import numpy as np
+__all__ = ["BlockHash", "FreeBlockQueue", "KVCacheBlock"]
 
-__all__ = ["BlockTable", "KVCacheBlock", "KVCacheBlocks"]
+
+class BlockHash(NamedTuple):
+    """Prefix-cache key of a full block: chained through the parent block's hash.
+
+    The dictionary lookup compares the token ids themselves, so two blocks collide only if the
+    64-bit hashes of their whole prefixes do, not merely of their own tokens.
+    """
+
+    parent: int | None  # `value` of the previous block's key; None for a sequence's first block
+    token_ids: tuple[int, ...]
+    extra_key: Hashable = None  # a namespace (model id, adapter name): equal tokens, other K/V
+
+    @property
+    def value(self) -> int:
+        return hash(self)
+
+    @classmethod
+    def chain(
+        cls, parent: BlockHash | None, token_ids: Sequence[int], extra_key: Hashable = None
+    ) -> BlockHash:
+        """The key of the block holding `token_ids` right after the block keyed `parent`."""
+        return cls(None if parent is None else parent.value, tuple(token_ids), extra_key)
 
 
 @dataclass(slots=True, eq=False)
@@ -19,11 +41,12 @@ class KVCacheBlock:
 
     # Index of this block in the pool; also its entry in block tables.
     block_id: int
-    # Number of sequences whose block table holds this block. 0 = free (possibly still cached).
+    # Number of holders (sequences whose block table has it, open steps keeping it for an
+    # undo). 0 = free (possibly still cached).
     ref_count: int = 0
-    # Chained hash of the tokens this block holds (parent hash, token ids, extra key), set once
-    # the block is full and registered in the prefix cache; None otherwise.
-    block_hash: int | None = None
+    # Key of the tokens this block holds, set once it is full and registered in the prefix
+    # cache; None otherwise.
+    block_hash: BlockHash | None = None
     # Links of the allocator's intrusive free queue; None when not in the queue.
     prev_free: KVCacheBlock | None = field(default=None, repr=False)
     next_free: KVCacheBlock | None = field(default=None, repr=False)
@@ -32,136 +55,52 @@ class KVCacheBlock:
     def is_free(self) -> bool:
         return self.ref_count == 0
 
-    def incr_ref(self) -> None:
-        self.ref_count += 1
 
-    def decr_ref(self) -> None:
-        assert self.ref_count > 0, f"block {self.block_id}: ref count would go below zero"
-        self.ref_count -= 1
+class FreeBlockQueue:
+    """Doubly linked list of free blocks, threaded through the blocks themselves.
 
-    def reset_hash(self) -> None:
-        self.block_hash = None
-
-
-class BlockTable:
-    """Block-table rows of all live sequences, as numpy arrays the hot path can index at once.
-
-    Row r holds a sequence's block ids (`ids[r, :num_blocks[r]]`) and its token count. The
-    arrays grow by doubling; rows of freed sequences are reused.
+    Hand-made because the allocator must remove a block from the middle (a cache hit on a free
+    block) in O(1) and without allocating: `collections.deque.remove` is O(n), and an
+    OrderedDict allocates a node per insertion.
     """
 
-    def __init__(self, rows: int = 64, cols: int = 16) -> None:
-        self.ids = np.zeros((rows, cols), dtype=np.int32)
-        self.num_blocks = np.zeros(rows, dtype=np.int64)
-        self.num_tokens = np.zeros(rows, dtype=np.int64)
-        self._free_rows = list(range(rows - 1, -1, -1))
+    def __init__(self, blocks: Iterable[KVCacheBlock]) -> None:
+        self._head = KVCacheBlock(-1)  # sentinels: never handed out
+        self._tail = KVCacheBlock(-1)
+        self._head.next_free, self._tail.prev_free = self._tail, self._head
+        self.size = 0
+        for block in blocks:
+            self.push_back(block)
 
-    def alloc_row(self) -> int:
-        if not self._free_rows:
-            old = self.ids.shape[0]
-            self._resize(rows=2 * old)
-            self._free_rows = list(range(2 * old - 1, old - 1, -1))
-        row = self._free_rows.pop()
-        self.num_blocks[row] = 0
-        self.num_tokens[row] = 0
-        return row
+    def _link(self, block: KVCacheBlock, prev: KVCacheBlock, nxt: KVCacheBlock) -> None:
+        assert block.prev_free is None and block.next_free is None, (
+            f"block {block.block_id} is already in the free queue"
+        )
+        block.prev_free, block.next_free = prev, nxt
+        prev.next_free = nxt.prev_free = block
+        self.size += 1
 
-    def release_row(self, row: int) -> None:
-        self.ids[row] = 0  # padding value of block tables: a valid id, never read
-        self.num_blocks[row] = 0
-        self.num_tokens[row] = 0
-        self._free_rows.append(row)
+    def push_back(self, block: KVCacheBlock) -> None:
+        self._link(block, self._tail.prev_free, self._tail)
 
-    def ensure_cols(self, cols: int) -> None:
-        if cols > self.ids.shape[1]:
-            self._resize(cols=max(cols, 2 * self.ids.shape[1]))
+    def push_front(self, block: KVCacheBlock) -> None:
+        self._link(block, self._head, self._head.next_free)
 
-    def _resize(self, rows: int | None = None, cols: int | None = None) -> None:
-        rows = rows or self.ids.shape[0]
-        cols = cols or self.ids.shape[1]
-        ids = np.zeros((rows, cols), dtype=np.int32)
-        ids[: self.ids.shape[0], : self.ids.shape[1]] = self.ids
-        self.ids = ids
-        for name in ("num_blocks", "num_tokens"):
-            old = getattr(self, name)
-            new = np.zeros(rows, dtype=np.int64)
-            new[: old.shape[0]] = old
-            setattr(self, name, new)
+    def remove(self, block: KVCacheBlock) -> None:
+        prev, nxt = block.prev_free, block.next_free
+        assert prev is not None and nxt is not None, f"block {block.block_id} is not free"
+        prev.next_free, nxt.prev_free = nxt, prev
+        block.prev_free = block.next_free = None
+        self.size -= 1
 
-
-class KVCacheBlocks:
-    """The ordered blocks of one sequence: its row of the block table.
-
-    A view onto one `BlockTable` row (ids and token count live there, so the batched hot path
-    and this object never disagree) plus what prefix caching needs: the token ids when known and
-    how many leading full blocks are registered already.
-    """
-
-    __slots__ = ("_table", "_pool", "row", "num_hashed", "last_key", "token_ids", "extra_key")
-
-    def __init__(self, table: BlockTable, pool: Sequence[KVCacheBlock]) -> None:
-        self._table = table
-        # All blocks of the allocator, indexed by block id.
-        self._pool = pool
-        self.row = table.alloc_row()
-        # Leading blocks already registered in the prefix cache.
-        self.num_hashed = 0
-        # Prefix-cache key of block `num_hashed - 1` (the parent of the next block to hash).
-        self.last_key = None
-        # Token ids of the sequence when known (needed to hash blocks as they fill); else None.
-        self.token_ids: list[int] | None = None
-        # Extra hash key (e.g. a model id or adapter name) of this sequence's blocks.
-        self.extra_key: Hashable = None
-
-    def release(self) -> None:
-        self._table.release_row(self.row)
-        self.row = -1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self._table.num_tokens[self.row])
-
-    @num_tokens.setter
-    def num_tokens(self, value: int) -> None:
-        self._table.num_tokens[self.row] = value
-
-    def __len__(self) -> int:
-        return int(self._table.num_blocks[self.row])
-
-    @property
-    def block_ids(self) -> list[int]:
-        return self._table.ids[self.row, : len(self)].tolist()
-
-    @property
-    def blocks(self) -> list[KVCacheBlock]:
-        return [self._pool[i] for i in self.block_ids]
+    def pop_front(self) -> KVCacheBlock:
+        block = self._head.next_free
+        assert block is not self._tail, "pop from an empty free queue"
+        self.remove(block)
+        return block
 
     def __iter__(self) -> Iterator[KVCacheBlock]:
-        return iter(self.blocks)
-
-    def __getitem__(self, index: int) -> KVCacheBlock:
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"block index {index} out of range for {n} blocks")
-        return self._pool[int(self._table.ids[self.row, index])]
-
-    def extend(self, blocks: Sequence[KVCacheBlock]) -> None:
-        n = len(self)
-        self._table.ensure_cols(n + len(blocks))
-        self._table.ids[self.row, n : n + len(blocks)] = [b.block_id for b in blocks]
-        self._table.num_blocks[self.row] = n + len(blocks)
-
-    def set(self, index: int, block: KVCacheBlock) -> None:
-        self._table.ids[self.row, index] = block.block_id
-
-    def truncate(self, num_blocks: int) -> list[KVCacheBlock]:
-        """Drop the blocks past the first `num_blocks`; returns them, tail first."""
-        dropped = self.blocks[num_blocks:][::-1]
-        self._table.ids[self.row, num_blocks : len(self)] = 0
-        self._table.num_blocks[self.row] = num_blocks
-        return dropped
-
-    def __repr__(self) -> str:
-        return f"KVCacheBlocks(tokens={self.num_tokens}, blocks={self.block_ids})"
+        block = self._head.next_free
+        while block is not self._tail:
+            yield block
+            block = block.next_free

@@ -100,11 +100,6 @@ class PagedKVCache:
             return
         copy_blocks(self._keys, self._values, mapping.to(self.pool.device))
 
-    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """The raw content of some blocks, `[n, num_layers, 2, block_size, heads, head_dim]`."""
-        index = torch.as_tensor(list(block_ids), dtype=torch.int64, device=self.pool.device)
-        return self.pool.index_select(0, index)
-
     def __repr__(self) -> str:
         c = self.config
         return (

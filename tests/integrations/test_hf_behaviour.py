@@ -481,7 +481,8 @@ def test_inputs_embeds(llama, helpers):
     assert manager.num_used_blocks == 0
 
 
-def test_failed_forward_leaves_no_stale_prefix(llama, helpers):
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_failed_forward_leaves_no_stale_prefix(llama, helpers, error):
     """A forward that dies after reserving slots (an error, Ctrl-C in a notebook) must not leave
     its unwritten blocks findable, and keeps the prefixes cached before it."""
     gen = torch.Generator().manual_seed(25)
@@ -493,10 +494,10 @@ def test_failed_forward_leaves_no_stale_prefix(llama, helpers):
     cached = manager.stats.num_cached_blocks
 
     def boom(*args):
-        raise RuntimeError("boom")
+        raise error("boom")
 
     handle = llama.model.layers[1].register_forward_pre_hook(boom)
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(error, match="boom"):
         _paged(llama, input_ids=prompt, max_new_tokens=4)
     handle.remove()
     assert manager.num_used_blocks == 0
@@ -505,6 +506,34 @@ def test_failed_forward_leaves_no_stale_prefix(llama, helpers):
     assert torch.equal(_paged(llama, input_ids=prompt, max_new_tokens=4), stock)
     rec.remove()
     assert rec.widths[0] == prompt.shape[1] - 8, "the earlier prefix is reused, nothing stale"
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_an_interrupted_forward_on_a_held_cache_runs_again(llama, helpers, error):
+    """A manual loop's forward dies in a layer: its cache is as before it (Ctrl-C skips the
+    forward hook; the next forward aborts the open step), and the same forward run again gives
+    stock logits."""
+    key = helpers.cache_kwarg(llama)
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(26))
+    with torch.no_grad():
+        stock = llama(input_ids=ids).logits
+    manager = enable_paged_attention(llama, block_size=BS)
+    cache = PagedCache(manager)
+    with torch.no_grad():
+        llama(input_ids=ids[:, :5], **{key: cache})
+        handle = llama.model.layers[1].register_forward_pre_hook(
+            lambda *a: (_ for _ in ()).throw(error("boom"))
+        )
+        with pytest.raises(error, match="boom"):
+            llama(input_ids=ids[:, 5:], **{key: cache})
+        handle.remove()
+        assert cache.get_seq_length() == 5
+        again = llama(input_ids=ids[:, 5:], **{key: cache}).logits
+    torch.testing.assert_close(again, stock[:, 5:], atol=1e-4, rtol=0)
+    assert [manager.seq_len(s) for s in cache.seq_ids] == [9, 9]
+    manager.check_invariants()
+    cache.free()
+    assert manager.num_used_blocks == 0
 
 
 @pytest.mark.parametrize(

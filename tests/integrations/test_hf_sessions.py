@@ -131,8 +131,9 @@ class SessionMachine(RuleBasedStateMachine):
         new=st.integers(1, 6),
         forwards=st.integers(0, 4),
         layer=st.integers(0, 1),
+        error=st.sampled_from([_Interrupted, KeyboardInterrupt]),
     )
-    def interrupted_generate(self, data, rows, new, forwards, layer):
+    def interrupted_generate(self, data, rows, new, forwards, layer, error):
         """A call dies inside a decoder layer (an error, or Ctrl-C in a notebook) after
         `forwards` whole forwards, and is run again: its unwritten blocks must not serve the
         retry."""
@@ -142,13 +143,13 @@ class SessionMachine(RuleBasedStateMachine):
         def interrupt(module, args):
             seen[0] += 1
             if seen[0] > forwards:
-                raise _Interrupted
+                raise error
 
         layers = next(m for m in self.model.modules() if isinstance(m, torch.nn.ModuleList))
         handle = layers[layer].register_forward_pre_hook(interrupt)
         try:
             _generate(self.model, prompts, "greedy", new, 0)
-        except (_Interrupted, OutOfBlocksError):
+        except (_Interrupted, KeyboardInterrupt, OutOfBlocksError):
             pass
         finally:
             handle.remove()

@@ -20,12 +20,12 @@ def manager():
     )
 
 
-def _step(cache, batch, q_len, mask=None, seed=0):
+def _step(cache, batch, q_len, mask=None, seed=0, layers=LAYERS, **kwargs):
     """One forward: what the model's pre-hook and layers do. Returns the K written per layer."""
     gen = torch.Generator().manual_seed(seed)
-    cache.begin_forward(mask, batch, q_len)
+    cache.begin_forward(mask, batch, q_len, **kwargs)
     keys = []
-    for layer in range(LAYERS):
+    for layer in range(layers):
         k = torch.randn(batch, HEADS, q_len, DIM, generator=gen)
         cache.update(k, k + 1, layer)
         keys.append(k)
@@ -111,6 +111,29 @@ def test_refed_tokens_are_caught(manager):
         cache.begin_forward(torch.ones(1, 6, dtype=torch.long), 1, 6)
     with pytest.raises(RuntimeError, match="position 0, but the cache holds 6"):
         cache.begin_forward(None, 1, 3, position_ids=torch.arange(3)[None])
-    cache.begin_forward(None, 1, 3, position_ids=torch.arange(6, 9)[None])  # follows: fine
-    cache.end_forward()
+    _step(cache, 1, 3, position_ids=torch.arange(6, 9)[None])  # follows: fine
     assert _lens(cache) == [9]
+
+
+def test_a_failed_forward_leaves_the_rows_as_before(manager):
+    """A forward that stops midway (an error, or Ctrl-C that skips the forward hook) aborts its
+    step: the rows, their lengths and the columns transformers sees are as before it, its
+    forks are gone, and the same forward can run again."""
+    cache = PagedCache(manager)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    _step(cache, 1, 6, input_ids=ids)
+    before = (cache.seq_ids, _lens(cache), cache.get_seq_length(), manager.num_used_blocks)
+    # Beam expansion to 3 rows; one layer of two stores its K/V, then the forward dies.
+    _step(cache, 3, 1, layers=1, input_ids=torch.tensor([[11]] * 3))
+    assert (cache.seq_ids, _lens(cache), cache.get_seq_length(), manager.num_used_blocks) == before
+    # Interrupted: the hook never runs; the next forward aborts the open one first.
+    cache.begin_forward(None, 3, 1)
+    cache.update(*[torch.zeros(3, HEADS, 1, DIM)] * 2, 0)
+    _step(cache, 3, 1, input_ids=torch.tensor([[11]] * 3))
+    assert cache.batch_size == 3 and _lens(cache) == [7, 7, 7]
+    assert manager.token_ids(cache.seq_ids[1]) == [5, 6, 7, 8, 9, 10, 11]
+    manager.check_invariants()
+    cache.begin_forward(None, 3, 1)  # left open, then the cache is freed: aborted, released
+    cache.free()
+    assert manager.num_used_blocks == 0 and manager.stats.num_cached_blocks == 1
+    manager.check_invariants()

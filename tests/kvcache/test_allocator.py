@@ -1,7 +1,6 @@
 import pytest
 
-from pagedkv.kvcache import KVCacheAllocator, OutOfBlocksError
-from pagedkv.kvcache.allocator import hash_block_tokens
+from pagedkv.kvcache import BlockHash, KVCacheAllocator, OutOfBlocksError
 
 
 def test_allocate_and_free_keep_counts():
@@ -21,7 +20,6 @@ def test_out_of_blocks_is_typed_and_changes_nothing():
         a.allocate(2)
     assert (info.value.needed, info.value.free, info.value.total) == (2, 1, 4)
     assert a.num_free_blocks == 1
-    assert a.try_allocate(2) is None
     a.check_invariants()
 
 
@@ -36,7 +34,7 @@ def test_double_free_is_caught():
 def test_touch_revives_a_free_cached_block_from_the_middle_of_the_queue():
     a = KVCacheAllocator(4)
     blocks = a.allocate(4)
-    key = hash_block_tokens(None, [1, 2])
+    key = BlockHash.chain(None, [1, 2])
     assert a.register(blocks[1], key)
     a.free(blocks)
     assert a.num_free_blocks == 4
@@ -50,7 +48,7 @@ def test_touch_revives_a_free_cached_block_from_the_middle_of_the_queue():
 def test_unhashed_blocks_are_reused_before_cached_ones_and_cached_in_lru_order():
     a = KVCacheAllocator(4)
     b0, b1, b2, b3 = a.allocate(4)
-    k0, k1 = hash_block_tokens(None, [0]), hash_block_tokens(None, [1])
+    k0, k1 = BlockHash.chain(None, [0]), BlockHash.chain(None, [1])
     a.register(b0, k0)
     a.register(b1, k1)
     a.free([b0])  # cached, freed first: least recently used
@@ -68,23 +66,23 @@ def test_unhashed_blocks_are_reused_before_cached_ones_and_cached_in_lru_order()
 def test_one_block_per_key():
     a = KVCacheAllocator(4)
     b0, b1 = a.allocate(2)
-    key = hash_block_tokens(None, [7, 8])
+    key = BlockHash.chain(None, [7, 8])
     assert a.register(b0, key)
     assert not a.register(b1, key)
     assert a.lookup(key) is b0 and b1.block_hash is None
 
 
 def test_chained_keys_distinguish_the_same_tokens_after_different_prefixes():
-    p1, p2 = hash_block_tokens(None, [1, 2]), hash_block_tokens(None, [3, 4])
-    assert hash_block_tokens(p1, [5, 6]) != hash_block_tokens(p2, [5, 6])
-    assert hash_block_tokens(p1, [5, 6]) == hash_block_tokens(p1, [5, 6])
-    assert hash_block_tokens(None, [5, 6], "model-a") != hash_block_tokens(None, [5, 6], "model-b")
+    p1, p2 = BlockHash.chain(None, [1, 2]), BlockHash.chain(None, [3, 4])
+    assert BlockHash.chain(p1, [5, 6]) != BlockHash.chain(p2, [5, 6])
+    assert BlockHash.chain(p1, [5, 6]) == BlockHash.chain(p1, [5, 6])
+    assert BlockHash.chain(None, [5, 6], "model-a") != BlockHash.chain(None, [5, 6], "model-b")
 
 
 def test_prefix_caching_disabled_never_registers():
     a = KVCacheAllocator(2, enable_prefix_caching=False)
     (b,) = a.allocate(1)
-    key = hash_block_tokens(None, [1])
+    key = BlockHash.chain(None, [1])
     assert not a.register(b, key)
     assert a.lookup(key) is None
 
@@ -93,7 +91,7 @@ def test_reset_prefix_cache_forgets_every_key():
     a = KVCacheAllocator(3)
     blocks = a.allocate(3)
     for i, b in enumerate(blocks):
-        a.register(b, hash_block_tokens(None, [i]))
+        a.register(b, BlockHash.chain(None, [i]))
     a.free(blocks[:1])
     assert a.reset_prefix_cache() == 3
     assert a.num_cached_blocks == 0 and all(b.block_hash is None for b in blocks)

@@ -19,19 +19,49 @@ def test_slots_follow_the_block_table():
     mgr.check_invariants()
 
 
-def test_append_batch_is_sequence_major_and_pads_tables_with_zero():
+def test_step_describes_a_packed_forward_and_pads_tables_with_zero():
     mgr = make_manager()
     for s, n in [("a", 3), ("b", 9)]:
         mgr.allocate(s)
         mgr.append(s, n)
-    slots = mgr.append_batch(["a", "b"], 2)
+    step = mgr.step(["a", "b"], [2, 1])
     tables = mgr.block_tables(["a", "b"])
+    assert torch.equal(step.block_tables, tables)
     assert tables.shape == (2, 3) and int(tables[0, 2]) == 0
-    a_pos, b_pos = [3, 4], [9, 10]
+    a_pos, b_pos = [3, 4], [9]
     expected = [int(tables[0, p // 4]) * 4 + p % 4 for p in a_pos]
     expected += [int(tables[1, p // 4]) * 4 + p % 4 for p in b_pos]
-    assert slots.tolist() == expected
-    assert mgr.seq_lens(["b", "a"]).tolist() == [11, 5]
+    assert step.slot_mapping.tolist() == expected
+    assert step.seq_lens.tolist() == [5, 10] and step.query_start_loc.tolist() == [0, 2, 3]
+    assert step.seq_ids == ("a", "b") and step.state == "open"
+    step.commit()
+    assert step.state == "committed"
+    assert mgr.seq_lens(["b", "a"]).tolist() == [10, 5]
+    decode = mgr.step(["a", "b"], 1)
+    assert decode.query_start_loc is None and decode.slot_mapping.shape == (2,)
+    decode.commit()
+    mgr.check_invariants()
+
+
+def test_step_with_query_windows_and_forks():
+    # A padded batch: each row has 3 queries, its new tokens the last of them; "a" is forked
+    # into two more rows that share its blocks (beam expansion) and write nothing.
+    mgr = make_manager()
+    mgr.allocate("a")
+    mgr.allocate("b")
+    mgr.append("b", 5)
+    step = mgr.step(["a", "b"], [3, 1], num_queries=3, forks=[["a1", "a2"], []])
+    assert step.seq_ids == ("a", "a1", "a2", "b")
+    tables = step.block_tables
+    a_slots = [int(tables[0, 0]) * 4 + p for p in range(3)]
+    b_slot = int(tables[3, 1]) * 4 + 1
+    assert step.slot_mapping.tolist() == a_slots + [-1] * 6 + [-1, -1, b_slot]
+    assert step.query_start_loc.tolist() == [0, 3, 6, 9, 12]
+    assert step.seq_lens.tolist() == [3, 3, 3, 6]
+    assert tables[1].tolist() == tables[0].tolist() == tables[2].tolist()
+    step.commit()
+    assert mgr.num_used_blocks == 1 + 2
+    mgr.check_invariants()
 
 
 def test_written_kv_reads_back():
@@ -82,23 +112,33 @@ def test_blocks_fill_and_register_with_append_token_ids():
     mgr.append("a", 3, token_ids=[1, 2, 3])
     assert mgr.stats.num_cached_blocks == 0
     mgr.append("a", 1, token_ids=[4])
-    mgr.append_batch(["a"], 4, token_ids=[[5, 6, 7, 8]])
+    mgr.step(["a"], 4, token_ids=torch.tensor([[5, 6, 7, 8]])).commit()
     assert mgr.stats.num_cached_blocks == 2
     assert mgr.allocate("b", list(range(1, 10))) == 8
-    # Appending without ids stops on-the-fly registration: block 3 is never registered.
+    assert mgr.token_ids("a") == list(range(1, 9))
+    # Tokens appended without ids leave a gap: nothing after it is registered...
     mgr.append("a", 4)
-    assert mgr.stats.num_cached_blocks == 2
-    # register_prefix declares the tokens afterwards (e.g. at the end of a generate call).
-    assert mgr.register_prefix("a", list(range(1, 13))) == 3
+    mgr.append("a", 4, token_ids=[13, 14, 15, 16])
+    assert mgr.stats.num_cached_blocks == 2 and mgr.token_ids("a") == list(range(1, 9))
+    # ...until a truncate cuts the sequence back to where its ids are known.
+    mgr.truncate("a", 8)
+    mgr.append("a", 4, token_ids=[9, 10, 11, 12])
     assert mgr.stats.num_cached_blocks == 3
+    assert mgr.allocate("c", list(range(1, 14))) == 12
 
 
-def test_register_prefix_rejects_more_tokens_than_stored():
+def test_appends_continue_the_declared_prompt_and_must_agree_with_it():
     mgr = make_manager()
-    mgr.allocate("a")
-    mgr.append("a", 3)
-    with pytest.raises(ValueError, match="got 4 token ids .* holds 3 tokens"):
-        mgr.register_prefix("a", [1, 2, 3, 4])
+    mgr.allocate("a", [1, 2, 3, 4, 5, 6])
+    mgr.append("a", 2)  # no ids: tokens 1, 2 of the prompt
+    with pytest.raises(ValueError, match="token id 9 at position 3 contradicts 4"):
+        mgr.append("a", 3, token_ids=[3, 9, 5])
+    assert mgr.seq_len("a") == 2
+    mgr.append("a", 3, token_ids=[3, 4, 5])
+    mgr.append("a", 3, token_ids=[6, 7, 8])  # past the prompt: new tokens
+    assert mgr.token_ids("a") == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert mgr.stats.num_cached_blocks == 2
+    mgr.check_invariants()
 
 
 def test_fork_shares_blocks_and_copies_the_shared_last_block_on_write():
@@ -128,7 +168,7 @@ def test_no_copy_when_the_shared_block_is_full():
     mgr.allocate("p")
     mgr.append("p", 8)
     mgr.fork("p", "c")
-    mgr.append_batch(["p", "c"], 1)
+    mgr.step(["p", "c"], 1).commit()
     assert mgr.stats.cow_copies == 0 and mgr.num_used_blocks == 4
 
 
@@ -138,7 +178,7 @@ def test_reorder_moves_tables_with_ref_counts_only():
     mgr.append("b0", 6)
     for s in ("b1", "b2"):
         mgr.fork("b0", s)
-    mgr.append_batch(["b0", "b1", "b2"], 1)  # two beams copy the shared block, b2 keeps it
+    mgr.step(["b0", "b1", "b2"], 1).commit()  # b0 and b1 copy the shared block, b2 keeps it
     assert mgr.stats.cow_copies == 2
     before = mgr.num_used_blocks
     tables = mgr.block_tables(["b0", "b1", "b2"])
@@ -149,7 +189,7 @@ def test_reorder_moves_tables_with_ref_counts_only():
     assert mgr.num_used_blocks == before - 1  # b1's old private block was released
     assert mgr.stats.cow_copies == 2
     mgr.check_invariants()
-    mgr.append_batch(["b0", "b1", "b2"], 1)  # b0 and b1 share a partial block: one copies
+    mgr.step(["b0", "b1", "b2"], 1).commit()  # b0 and b1 share a partial block: one copies
     assert mgr.stats.cow_copies == 3
     mgr.check_invariants()
 
@@ -159,8 +199,9 @@ def test_reorder_validates_indices():
     for s in ("a", "b"):
         mgr.allocate(s)
         mgr.append(s, 1)
-    with pytest.raises(ValueError, match="src_indices must hold 2 indices"):
-        mgr.reorder(["a", "b"], [0, 2])
+    for bad in ([0, 2], [0.0, 1.0], [True, False], [0]):
+        with pytest.raises(ValueError, match="src_indices must hold 2 integer indices"):
+            mgr.reorder(["a", "b"], bad)
     with pytest.raises(ValueError, match="duplicate"):
         mgr.reorder(["a", "a"], [0, 1])
     mgr.check_invariants()
@@ -177,7 +218,7 @@ def test_truncate_frees_blocks_and_unregisters_a_block_it_will_overwrite():
     assert mgr.stats.num_cached_blocks == 2  # blocks 0 and 2 (2 now free but still cached)
     assert mgr.allocate("b", list(range(12))) == 4
     mgr.check_invariants()
-    with pytest.raises(ValueError, match="cannot truncate sequence 'a' to 7 tokens"):
+    with pytest.raises(ValueError, match="cannot truncate 'a' to 7 tokens"):
         mgr.truncate("a", 7)
 
 
@@ -192,20 +233,79 @@ def test_truncate_of_a_shared_block_copies_on_next_write():
     mgr.check_invariants()
 
 
-def test_forget_unwritten_keeps_the_blocks_and_earlier_prefixes():
+def _snapshot(mgr, ids):
+    return (
+        mgr.num_free_blocks,
+        mgr.block_tables(ids).tolist(),
+        mgr.seq_lens(ids).tolist(),
+        [mgr.token_ids(s) for s in ids],
+        mgr.seq_ids,
+    )
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_failed_step_changes_nothing_and_registers_nothing(error):
     mgr = make_manager(block_size=2)
-    mgr.allocate("a", [11, 12, 13, 14, 15])
-    mgr.append("a", 5)  # registers [11, 12] and [13, 14]
-    assert mgr.forget_unwritten("a", 2) == 1  # [13, 14] was never written
-    assert mgr.seq_len("a") == 5 and mgr.num_used_blocks == 3
-    mgr.append("a", 1, token_ids=[16])  # no longer registers: its tokens are untrusted
-    assert mgr.stats.num_cached_blocks == 1
-    assert mgr.allocate("b", [11, 12, 13, 14, 15]) == 2
-    for bad in (-1, 7, 2.0, True):
-        with pytest.raises(ValueError, match="expected an integer in 0..6"):
-            mgr.forget_unwritten("a", bad)
-    with pytest.raises(ValueError, match="unknown sequence id .zzz."):
-        mgr.forget_unwritten("zzz", 0)
+    mgr.allocate("a", [11, 12, 13])
+    fill(mgr, "a", mgr.append("a", 3), seed=1)  # [11, 12] registered
+    mgr.fork("a", "b")  # shares a's partial last block
+    before = _snapshot(mgr, ["a", "b"])
+    cached = mgr.stats.num_cached_blocks
+    with (
+        pytest.raises(error),
+        mgr.step(["a", "b"], [3, 1], token_ids=[[14, 15, 16], [24]], forks=[["a1"], []]) as step,
+    ):
+        step.write(0, *[torch.zeros(7, 2, 8)] * 2)  # one layer of two, then the forward dies
+        raise error
+    assert step.state == "aborted"
+    assert _snapshot(mgr, ["a", "b"]) == before
+    assert mgr.stats.num_cached_blocks == cached and mgr.stats.cow_copies == 0
+    assert mgr.allocate("c", [11, 12, 13, 14, 15, 16]) == 2  # [13, 14] was never written
+    mgr.check_invariants()
+    # Still shared: each write copies the block (the undo kept a's original block in place).
+    mgr.step(["a", "b"], 1).commit()
+    assert mgr.stats.cow_copies == 1
+    mgr.check_invariants()
+
+
+def test_an_open_step_holds_its_sequences():
+    mgr = make_manager()
+    mgr.allocate("a")
+    mgr.allocate("x")
+    step = mgr.step(["a"], 2)
+    for call in (
+        lambda: mgr.free("a"),
+        lambda: mgr.truncate("a", 0),
+        lambda: mgr.fork("a", "c"),
+        lambda: mgr.step(["x", "a"], 1),
+    ):
+        with pytest.raises(ValueError, match="open step holds it"):
+            call()
+    mgr.step(["x"], 1).commit()  # other sequences step on
+    step.abort()
+    step.abort()  # aborting twice is harmless
+    with pytest.raises(RuntimeError, match="cannot commit a step that is aborted"):
+        step.commit()
+    with pytest.raises(RuntimeError, match="cannot write through a step that is aborted"):
+        step.write(0, *[torch.zeros(2, 2, 8)] * 2)
+    mgr.free("a")
+    mgr.check_invariants()
+
+
+def test_when_every_holder_writes_the_longest_stays_in_place():
+    # "x" and "y" share a partial block; "y" was cut inside it. Both write in one step: "y"
+    # copies, "x" (the longest) writes in place, so an undo could give "y" the block back.
+    mgr = make_manager(num_blocks=4)
+    mgr.allocate("x")
+    fill(mgr, "x", mgr.append("x", 3), seed=1)
+    mgr.fork("x", "y")
+    mgr.truncate("y", 1)
+    table = mgr.block_tables(["x"]).tolist()
+    step = mgr.step(["x", "y"], 1)
+    assert step.block_tables[0].tolist() == table[0]
+    assert step.block_tables[1].tolist() != table[0]
+    step.commit()
+    assert mgr.stats.cow_copies == 1 and mgr.num_used_blocks == 2
     mgr.check_invariants()
 
 
@@ -238,7 +338,7 @@ def test_failed_batch_append_keeps_the_copy_on_write_of_a_shared_block():
     mgr.allocate("z")
     mgr.append("z", 5)  # takes the last two blocks
     with pytest.raises(OutOfBlocksError):
-        mgr.append_batch(["x", "y"], 1)
+        mgr.step(["x", "y"], 1)
     x_before = read(mgr, "x", 0)
     mgr.free("z")
     fill(mgr, "y", mgr.append("y", 1), seed=2)
@@ -318,7 +418,7 @@ def test_out_of_blocks_names_the_numbers_and_leaks_nothing():
     assert "num_blocks" in str(info.value)
     assert mgr.seq_len("b") == 0 and mgr.num_free_blocks == 1
     with pytest.raises(OutOfBlocksError):
-        mgr.append_batch(["a", "b"], 4)  # all or nothing
+        mgr.step(["a", "b"], 4)  # all or nothing
     assert mgr.seq_lens(["a", "b"]).tolist() == [10, 0] and mgr.num_free_blocks == 1
     mgr.check_invariants()
 
@@ -330,16 +430,33 @@ def test_out_of_blocks_names_the_numbers_and_leaks_nothing():
         pytest.param(lambda m: m.append("zz", 1), "unknown sequence id 'zz'", id="unknown-id"),
         pytest.param(lambda m: m.append("a", 0), "num_tokens=0", id="zero-tokens"),
         pytest.param(lambda m: m.append("a", -3), "num_tokens=-3", id="negative-tokens"),
+        pytest.param(lambda m: m.append("a", True), "num_tokens=True", id="bool-tokens"),
         pytest.param(
-            lambda m: m.append("a", 2, token_ids=[1]), "token_ids has 1 ids", id="ids-mismatch"
+            lambda m: m.append("a", 2, token_ids=[1]),
+            "lengths \\[1\\]; expected \\[2\\]",
+            id="ids-mismatch",
         ),
         pytest.param(
-            lambda m: m.append_batch(["a", "a"]), "duplicate sequence ids", id="dup-batch"
+            lambda m: m.append("a", 1, token_ids=[1.5]), "must hold integers", id="float-ids"
+        ),
+        pytest.param(
+            lambda m: m.step(["a"], 1, token_ids=torch.ones(1, 1)), "dtype", id="float-tensor"
+        ),
+        pytest.param(lambda m: m.step(["a", "a"]), "duplicate sequence ids", id="dup-step"),
+        pytest.param(lambda m: m.step([]), "at least one sequence", id="empty-step"),
+        pytest.param(lambda m: m.step(["a"], [1, 2]), "one per sequence", id="counts"),
+        pytest.param(lambda m: m.step(["a"], 2, num_queries=1), "num_queries=1", id="short-window"),
+        pytest.param(
+            lambda m: m.step(["a"], 1, forks=[["a"]]), "already allocated", id="fork-into-live"
+        ),
+        pytest.param(
+            lambda m: m.step(["a"], 1, forks=[["c", "c"]]), "duplicate ids", id="fork-twice"
         ),
         pytest.param(lambda m: m.fork("a", "a"), "already allocated", id="fork-onto-self"),
         pytest.param(lambda m: m.fork("zz", "b"), "unknown sequence id 'zz'", id="fork-unknown"),
         pytest.param(lambda m: m.allocate([1]), "not hashable", id="unhashable-id"),
-        pytest.param(lambda m: m.allocate("b", ["x"]), "sequence of ints", id="bad-token-ids"),
+        pytest.param(lambda m: m.allocate("b", ["x"]), "must hold integers", id="bad-token-ids"),
+        pytest.param(lambda m: m.allocate("b", "abc"), "sequence of ints", id="str-token-ids"),
         pytest.param(lambda m: m.swap_in("a"), "not swapped out", id="swap-in-resident"),
     ],
 )
@@ -418,17 +535,6 @@ def test_stats_repr_and_block_map():
     assert states.count("shared") == 2 and states.count("free") == 30
     html = mgr._repr_html_()
     assert html.count("block ") >= 32 and "shared" in html
-
-
-def test_free_all_releases_everything():
-    mgr = make_manager(num_cpu_blocks=4)
-    for s in "abc":
-        mgr.allocate(s)
-        mgr.append(s, 5)
-    mgr.swap_out("c")
-    mgr.free_all()
-    assert mgr.num_free_blocks == 32 and list(mgr) == []
-    mgr.check_invariants()
 
 
 def test_peak_usage_counts_the_most_blocks_held_at_once():

@@ -1,0 +1,116 @@
+"""Argument checks of the manager's ops: `ValueError` naming the value and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "as_counts",
+    "as_forks",
+    "as_token_array",
+    "as_token_list",
+    "check_count",
+    "check_hashable",
+    "check_position",
+]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_count(name: str, value: object, *, minimum: int = 1) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid; expected an integer >= {minimum}")
+
+
+def as_counts(num_tokens: object, n: int) -> np.ndarray:
+    """One token count >= 0 per sequence (int64), from one count or a sequence of `n`."""
+    if _is_int(num_tokens):
+        check_count("num_tokens", num_tokens, minimum=0)
+        return np.full(n, int(num_tokens), np.int64)
+    counts = np.asarray(num_tokens)
+    if counts.shape != (n,) or counts.dtype.kind not in "iu" or (n and counts.min() < 0):
+        raise ValueError(
+            f"num_tokens must be one integer >= 0 or {n} of them (one per sequence); "
+            f"got {num_tokens!r}"
+        )
+    return counts.astype(np.int64)
+
+
+def as_forks(forks: object, n: int) -> list[list]:
+    """One list of new sequence ids per sequence, no id twice."""
+    if isinstance(forks, (str, bytes)) or not isinstance(forks, Sequence) or len(forks) != n:
+        raise ValueError(f"forks must hold {n} lists of new ids (one per sequence); got {forks!r}")
+    forks = [list(f) for f in forks]
+    children = [c for f in forks for c in f]
+    for child in children:
+        check_hashable(child, "fork id")
+    if len(set(children)) != len(children):
+        raise ValueError(f"duplicate ids in forks {forks!r}")
+    return forks
+
+
+def check_position(num_tokens: object, length: int, what: str) -> None:
+    """`num_tokens` must be a token count within a sequence of `length` tokens."""
+    if not _is_int(num_tokens) or not 0 <= num_tokens <= length:
+        raise ValueError(f"{what} {num_tokens!r} tokens; expected an integer in 0..{length}")
+
+
+def check_hashable(value: object, name: str) -> None:
+    try:
+        hash(value)
+    except TypeError:
+        raise ValueError(f"{name}={value!r} is not hashable") from None
+
+
+def as_token_list(token_ids: object, name: str = "token_ids") -> list[int]:
+    """A 1-D sequence (or tensor / array) of integer token ids, as a list of Python ints."""
+    if isinstance(token_ids, (torch.Tensor, np.ndarray)):
+        if token_ids.ndim != 1:
+            raise ValueError(f"{name} must be 1-D; got shape {tuple(token_ids.shape)}")
+        _check_int_dtype(token_ids, name)
+        return token_ids.tolist()
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
+        raise ValueError(f"{name} must be a sequence of ints; got {token_ids!r}")
+    bad = next((t for t in token_ids if not _is_int(t)), None)
+    if bad is not None:
+        raise ValueError(f"{name} must hold integers; got {bad!r} in {list(token_ids)!r}")
+    return [int(t) for t in token_ids]
+
+
+def as_token_array(token_ids: object, counts: np.ndarray) -> np.ndarray:
+    """The new tokens' ids, packed row after row (int64), from a 2-D integer tensor / array
+    or one sequence of ids per row; row i must hold `counts[i]` ids."""
+    if isinstance(token_ids, (torch.Tensor, np.ndarray)) and token_ids.ndim == 2:
+        _check_int_dtype(token_ids, "token_ids")
+        got = [token_ids.shape[1]] * token_ids.shape[0]
+        flat = None
+        if got == counts.tolist():
+            data = token_ids.detach().cpu() if isinstance(token_ids, torch.Tensor) else token_ids
+            flat = np.asarray(data, dtype=np.int64).reshape(-1)
+    elif isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
+        raise ValueError(f"token_ids must hold one sequence of ints per row; got {token_ids!r}")
+    else:
+        rows = [as_token_list(t, f"token_ids[{i}]") for i, t in enumerate(token_ids)]
+        got = [len(r) for r in rows]
+        flat = np.fromiter((t for r in rows for t in r), np.int64, sum(got))
+    if got != counts.tolist():
+        raise ValueError(
+            f"token_ids has rows of lengths {got}; expected {counts.tolist()} (one id per new "
+            "token)"
+        )
+    return flat
+
+
+def _check_int_dtype(t: torch.Tensor | np.ndarray, name: str) -> None:
+    ok = (
+        not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
+        if isinstance(t, torch.Tensor)
+        else t.dtype.kind in "iu"
+    )
+    if not ok:
+        raise ValueError(f"{name} must hold integers; got dtype {t.dtype}")
