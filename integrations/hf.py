@@ -41,13 +41,7 @@ from ._hf_attention import ATTN_NAME, register
 from ._hf_cache import PagedCache
 from ._hf_padding import check_left_padded
 
-__all__ = [
-    "ATTN_NAME",
-    "PagedCache",
-    "disable_paged_attention",
-    "enable_paged_attention",
-    "get_manager",
-]
+__all__ = ["disable_paged_attention", "enable_paged_attention", "get_manager"]
 
 _STATE_ATTR = "_pagedkv_state"
 _CACHE_KEYS = ("cache", "past_key_values")

@@ -38,38 +38,35 @@ class KVCacheTransfer:
         return torch.as_tensor(list(ids), dtype=torch.int64, device=device)
 
     def swap_out(self, device_blocks: Sequence[int], cpu_blocks: Sequence[int]) -> None:
-        """Copy device blocks to CPU blocks, pairwise."""
+        """Copy device blocks to CPU blocks, pairwise. Complete when it returns: the device
+        blocks are reused right away."""
         self._check(device_blocks, cpu_blocks)
-        if not device_blocks:
-            return
-        pool = self.cache.pool
-        if self._stream is None:
-            src = pool.index_select(0, self._index(device_blocks, pool.device))
-            self.cpu_pool.index_copy_(0, self._index(cpu_blocks, pool.device), src)
-            return
-        # One contiguous span per block straight into pinned memory (no staging copy).
-        self._stream.wait_stream(torch.cuda.current_stream(pool.device))
-        with torch.cuda.stream(self._stream):
-            for d, c in zip(device_blocks, cpu_blocks):
-                self.cpu_pool[c].copy_(pool[d], non_blocking=True)
-        self._stream.synchronize()
+        self._copy(self.cache.pool, device_blocks, self.cpu_pool, cpu_blocks)
+        if self._stream is not None:
+            self._stream.synchronize()
 
     def swap_in(self, cpu_blocks: Sequence[int], device_blocks: Sequence[int]) -> None:
-        """Copy CPU blocks to device blocks, pairwise."""
+        """Copy CPU blocks to device blocks, pairwise. The device's current stream waits for
+        the copies before anything it runs later reads the blocks."""
         self._check(device_blocks, cpu_blocks)
-        if not device_blocks:
+        self._copy(self.cpu_pool, cpu_blocks, self.cache.pool, device_blocks)
+        if self._stream is not None:
+            torch.cuda.current_stream(self.cache.pool.device).wait_stream(self._stream)
+
+    def _copy(
+        self, src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, dst_ids: Sequence[int]
+    ) -> None:
+        if not src_ids:
             return
-        pool = self.cache.pool
-        if self._stream is None:
-            src = self.cpu_pool.index_select(0, self._index(cpu_blocks, pool.device))
-            pool.index_copy_(0, self._index(device_blocks, pool.device), src)
+        if self._stream is None:  # CPU -> CPU: one gather and one scatter
+            index = self._index(src_ids, src.device)
+            dst.index_copy_(0, self._index(dst_ids, dst.device), src.index_select(0, index))
             return
-        current = torch.cuda.current_stream(pool.device)
-        self._stream.wait_stream(current)
+        # One contiguous span per block, straight between pinned and device memory.
+        self._stream.wait_stream(torch.cuda.current_stream(self.cache.pool.device))
         with torch.cuda.stream(self._stream):
-            for c, d in zip(cpu_blocks, device_blocks):
-                pool[d].copy_(self.cpu_pool[c], non_blocking=True)
-        current.wait_stream(self._stream)
+            for s, d in zip(src_ids, dst_ids):
+                dst[d].copy_(src[s], non_blocking=True)
 
     def _check(self, device_blocks: Sequence[int], cpu_blocks: Sequence[int]) -> None:
         if len(device_blocks) != len(cpu_blocks):
