@@ -49,6 +49,18 @@ class BlockTable(RowArrays):
             self.ids[rows[row_of], starts[row_of] + index] = ids
         self.num_blocks[rows] = ends
 
+    def cut_rows(self, rows: np.ndarray, num_blocks: np.ndarray) -> np.ndarray:
+        """Rows keep their first `num_blocks[i]` blocks; returns the ids of those dropped."""
+        extra = self.num_blocks[rows] - num_blocks
+        if not extra.any():
+            return np.empty(0, np.int32)
+        row_of, index = ragged(extra)
+        cols = num_blocks[row_of] + index
+        dropped = self.ids[rows[row_of], cols]
+        self.ids[rows[row_of], cols] = PAD_BLOCK
+        self.num_blocks[rows] = num_blocks
+        return dropped
+
     def block_counts(self, rows: np.ndarray, pool_size: int) -> np.ndarray:
         """`[pool_size]` int64: how many times each block id appears in `rows`."""
         width = int(self.num_blocks[rows].max(initial=0))

@@ -48,7 +48,7 @@ class Growth:
     row_of: np.ndarray  # for each new token: its sequence's index in `states`
     index: np.ndarray  # and its index among that sequence's new tokens
     old_known: np.ndarray | None  # TokenTable.num_known before, when the step had ids
-    flagged_before: list[SeqState]  # those that were marked maybe-shared
+    flagged_before: set[SeqState]  # those that were marked maybe-shared
     copied: list[tuple[SeqState, KVCacheBlock]]  # copy-on-write: the sequence, its old block
     children: list[list[SeqState]] = field(default_factory=list)  # forks, per sequence
 
@@ -255,7 +255,7 @@ class Sequences:
             raise OutOfBlocksError(total, free, self.allocator.num_blocks, hint=SHORTAGE_HINT)
 
         # Past the last check: nothing below fails.
-        flagged = [s for s in states if s in self._maybe_shared] if self._maybe_shared else []
+        flagged = self._maybe_shared.intersection(states)
         for i in sole:
             state = states[i]
             self._maybe_shared.discard(state)
@@ -350,19 +350,16 @@ class Sequences:
                 self.remove(child)
         if growth.old_known is not None:
             self.tokens.restore(growth.rows, growth.old_known)
-        copied = dict(growth.copied)
-        for i, state in enumerate(growth.states):
-            blocks = state.blocks
-            self.allocator.free(blocks.truncate(int(growth.old_num_blocks[i])))
-            if state in copied:
-                copy = blocks.last
-                blocks.replace_last(copied[state])  # its hold becomes the sequence's again
-                self.allocator.free([copy])
-            blocks.set_num_tokens(int(growth.old_lens[i]))
-            if state in growth.flagged_before:
-                self._maybe_shared.add(state)
-            else:
-                self._maybe_shared.discard(state)
+        pool = self.allocator.blocks
+        dropped = self.table.cut_rows(growth.rows, growth.old_num_blocks)
+        self.allocator.free([pool[i] for i in dropped.tolist()])
+        for state, old in growth.copied:
+            copy = state.blocks.last
+            state.blocks.replace_last(old)  # its hold becomes the sequence's again
+            self.allocator.free([copy])
+        self.table.num_tokens[growth.rows] = growth.old_lens
+        self._maybe_shared.difference_update(growth.states)
+        self._maybe_shared.update(growth.flagged_before)
         self._release(growth)
 
     def _release(self, growth: Growth) -> None:
