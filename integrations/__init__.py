@@ -13,7 +13,7 @@ transformers >= 5.24, `past_key_values=` on 5.17) and `free()` it when done.
 
 from ._hf_attention import ATTN_NAME
 from ._hf_cache import PagedCache
-from .hf import disable_paged_attention, enable_paged_attention, get_manager
+from .hf import disable_paged_attention, enable_paged_attention, get_manager, paged_attention
 
 __all__ = [
     "ATTN_NAME",
@@ -21,4 +21,5 @@ __all__ = [
     "disable_paged_attention",
     "enable_paged_attention",
     "get_manager",
+    "paged_attention",
 ]

@@ -5,7 +5,7 @@ function, so `PagedCache.update` puts itself there under `CACHE_KWARG`. transfor
 few models in later versions) call `update` without it; for those, the forward in progress is
 also recorded here, the way vLLM's `set_forward_context` does, from `begin_forward` to
 `end_forward`. A context variable, so each thread sees its own; it holds a weak reference, so a
-forward that never ended (Ctrl-C skips the forward hook) keeps no cache alive.
+forward begun and never ended (by a caller driving `PagedCache` by hand) keeps no cache alive.
 """
 
 from __future__ import annotations

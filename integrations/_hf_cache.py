@@ -3,7 +3,7 @@
 One manager sequence per batch row. transformers sees one length for the whole batch (the
 columns it has fed, left padding included); the manager holds each row's real tokens only, since
 pads are never stored (slot -1). This class translates between the two: per forward pass,
-`begin_forward` (called by the model's forward pre-hook with the attention mask and input ids)
+`begin_forward` (called by the model's forward wrapper with the attention mask and input ids)
 plans one manager `Step` for every row (the real tokens each row lacks, with their ids; forks
 when generate expands rows for beams), every layer's `update` writes its K/V through the step and
 `attend` runs `paged_attention` on its blocks, and `end_forward` commits the step or, if the
@@ -74,6 +74,24 @@ class _Forward:
     counted: bool = False  # whether `_seen` includes this forward's columns yet
     attended: dict[int, int | None] = field(default_factory=dict)  # layer -> sliding window
     gather_index: torch.Tensor | None = None  # padded [batch * width] position of each token
+
+
+class _NoBackward(torch.autograd.Function):
+    """Paged attention's output, marked as depending on the query, with a backward that
+    refuses: the pool keeps K/V values, not their autograd graph, so gradients would be wrong."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(
+            "backward through pagedkv attention: the paged KV cache keeps K/V values, not "
+            "their autograd graph, so gradients would be wrong. For training, run the forward "
+            "with use_cache=False (the model's own attention runs then), or call "
+            "disable_paged_attention(model)."
+        )
 
 
 class _Held:
@@ -162,7 +180,11 @@ class PagedCache(Cache):
         except BaseException:
             self.free()
             raise
-        start = min((p + c for p, c in zip(num_pads, cached, strict=True)), default=0)
+        # Without a cached prefix the first forward feeds every column, pads included (as
+        # stock does); with one, the columns every row holds (its pads count) are skipped.
+        start = 0
+        if any(cached):
+            start = min(p + c for p, c in zip(num_pads, cached, strict=True))
         self._fed[:] = [max(0, start - p) for p in num_pads]
         self._seen = start
         return cached
@@ -355,6 +377,8 @@ class PagedCache(Cache):
             sliding_window=sliding_window,
             softcap=softcap,
         )
+        if query.requires_grad and torch.is_grad_enabled():
+            out = _NoBackward.apply(query, out)
         return out.to(query.dtype)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -64,9 +64,12 @@ class PagedKVCache:
     def write(
         self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
-        """Scatter `key`/`value` `[T, num_kv_heads, head_dim]` into the slots (-1 = skip)."""
+        """Scatter `key`/`value` `[T, num_kv_heads, head_dim]` into the slots (-1 = skip).
+
+        The pool keeps values, not autograd history: tensors that require grad are stored
+        detached."""
         self._check_layer(layer)
-        write_kv(key, value, self._keys[layer], self._values[layer], slot_mapping)
+        write_kv(key.detach(), value.detach(), self._keys[layer], self._values[layer], slot_mapping)
 
     def attend(
         self,
