@@ -19,6 +19,8 @@ __all__ = ["paged_forward"]
 
 def paged_forward(state: PagedState, forward, *args, **kwargs):
     with state.lock:
+        if not state.in_generate:
+            state.check_call()
         cache = _given_cache(state, kwargs)
         if cache is None:
             use_cache = kwargs.get("use_cache")

@@ -23,7 +23,14 @@ __all__ = ["paged_generate"]
 
 def paged_generate(state: PagedState, generate, *args, **kwargs):
     with state.lock:
-        return _generate(state, generate, args, kwargs)
+        if state.in_generate:  # an assistant's generate inside a call of the same model
+            return _generate(state, generate, args, kwargs)
+        state.check_call()
+        state.in_generate = True
+        try:
+            return _generate(state, generate, args, kwargs)
+        finally:
+            state.in_generate = False
 
 
 def _generate(state: PagedState, generate, args: tuple, kwargs: dict):

@@ -26,8 +26,8 @@ reason, instead of generating wrong tokens. `disable_paged_attention` undoes all
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,7 +40,7 @@ from ._hf_attention import ATTN_NAME, register
 from ._hf_cache import PagedCache
 from ._hf_forward import paged_forward
 from ._hf_generate import paged_generate
-from ._hf_state import MISSING, PagedState
+from ._hf_state import MISSING, PagedMethod, PagedState
 
 __all__ = ["disable_paged_attention", "enable_paged_attention", "get_manager", "paged_attention"]
 
@@ -99,12 +99,12 @@ def enable_paged_attention(
         cache_kwarg=_cache_kwarg(model),
         model_config=model.config,
         saved_impls=saved,
+        model_ref=weakref.ref(model),
         gather=gather,
     )
     for name, wrapper in (("forward", paged_forward), ("generate", paged_generate)):
-        state.saved_attrs[name] = model.__dict__.get(name, MISSING)
-        original = getattr(model, name)
-        setattr(model, name, functools.wraps(original)(functools.partial(wrapper, state, original)))
+        saved_attr = state.saved_attrs[name] = model.__dict__.get(name, MISSING)
+        setattr(model, name, PagedMethod(wrapper, state, getattr(model, name), saved_attr))
     setattr(model, _STATE_ATTR, state)
     try:
         _probe(model, state)

@@ -200,3 +200,52 @@ def test_a_left_padded_first_forward_sees_every_column(llama, mode):
         ]
         stock, paged = stock.sequences, paged.sequences
     assert torch.equal(paged, stock)
+
+
+@pytest.mark.parametrize("change", ["in-place", "load_state_dict"])
+def test_changed_weights_drop_the_cached_prefixes(helpers, change):
+    """K/V cached before the weights changed must not serve a later call."""
+    model, other = helpers.build_model("llama"), helpers.build_model("llama", seed=1)
+    ids, _ = helpers.padded_batch([13], seed=10)
+    manager = enable_paged_attention(model, block_size=BS)
+    _generate(model, input_ids=ids)
+    assert manager.stats.num_cached_blocks > 0
+    with torch.no_grad():
+        if change == "in-place":
+            for p in model.parameters():
+                p.mul_(1.5)
+        else:
+            model.load_state_dict(other.state_dict())
+    hits = manager.stats.prefix_hits
+    paged = _generate(model, input_ids=ids)
+    assert manager.stats.prefix_hits == hits, "a prefix computed with the old weights was reused"
+    disable_paged_attention(model)
+    assert torch.equal(paged, _generate(model, input_ids=ids))
+
+
+def test_a_pickled_or_copied_model_is_stock_and_the_original_stays_paged(llama, helpers):
+    import copy
+    import io
+
+    ids, _ = helpers.padded_batch([6], seed=11)
+    stock = _generate(llama, input_ids=ids)
+    manager = enable_paged_attention(llama, block_size=BS)
+    buffer = io.BytesIO()
+    torch.save(llama, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(llama)):
+        assert get_manager(twin) is None and twin.config._attn_implementation == "eager"
+        assert torch.equal(_generate(twin, input_ids=ids), stock)
+        assert enable_paged_attention(twin, block_size=BS) is not manager
+    assert torch.equal(_generate(llama, input_ids=ids), stock)
+    assert get_manager(llama) is manager and manager.stats.prefix_queries > 0
+
+
+def test_an_attention_implementation_switched_after_enable_is_refused(llama, helpers):
+    ids, _ = helpers.padded_batch([6], seed=12)
+    manager = enable_paged_attention(llama, block_size=BS)
+    llama.config._attn_implementation = "eager"
+    for call in (lambda: _generate(llama, input_ids=ids), lambda: llama(input_ids=ids)):
+        with pytest.raises(ValueError, match="switched to .*'eager'.*disable_paged_attention"):
+            call()
+    assert manager.num_used_blocks == 0
