@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ._memory import available_bytes, default_budget
+
 __all__ = ["DType", "DeviceType", "KVCacheConfig"]
 
 
@@ -91,8 +93,9 @@ class KVCacheConfig:
 
     The pool holds `num_blocks` blocks; each block stores `block_size` tokens of K and V for
     every layer, so `bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim *
-    itemsize`. Give either `num_blocks` or `memory_budget_bytes` (the pool is then as large as
-    fits the budget). `num_cpu_blocks` sizes the CPU swap space (0 = no swapping).
+    itemsize`. Size it with one of `num_blocks`, `memory_budget_bytes` (the pool is as large as
+    fits the budget) or `memory_fraction` (a fraction of the device memory free now, host RAM
+    for CPU). `num_cpu_blocks` sizes the CPU swap space (0 = no swapping).
     """
 
     num_layers: int
@@ -101,6 +104,7 @@ class KVCacheConfig:
     block_size: int = 16
     num_blocks: int | None = None
     memory_budget_bytes: int | None = None
+    memory_fraction: float | None = None
     dtype: DType = DType.FLOAT32
     device: DeviceType = DeviceType.CPU
     device_index: int | None = None
@@ -115,6 +119,8 @@ class KVCacheConfig:
             set_("device", kind)
             if self.device_index is None:
                 set_("device_index", index)
+        if self.device_index is not None:
+            _check_int("device_index", self.device_index, minimum=0)
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
             _check_int(name, getattr(self, name), minimum=1)
         if self.block_size & (self.block_size - 1):
@@ -124,26 +130,42 @@ class KVCacheConfig:
         if self.block_size > 128:
             raise ValueError(f"block_size={self.block_size} is too large; expected at most 128")
         _check_int("num_cpu_blocks", self.num_cpu_blocks, minimum=0)
-        if self.num_blocks is None:
-            if self.memory_budget_bytes is None:
+        sizes = {  # how the pool is sized: exactly one
+            name: getattr(self, name)
+            for name in ("num_blocks", "memory_budget_bytes", "memory_fraction")
+            if getattr(self, name) is not None
+        }
+        if len(sizes) != 1:
+            raise ValueError(
+                "KVCacheConfig needs exactly one of num_blocks, memory_budget_bytes or "
+                f"memory_fraction; got {sizes or 'none'}"
+            )
+        if self.memory_fraction is not None:
+            fraction = self.memory_fraction
+            if (
+                isinstance(fraction, bool)
+                or not isinstance(fraction, (int, float))
+                or not (0 < fraction <= 1)
+            ):
                 raise ValueError(
-                    "KVCacheConfig needs num_blocks or memory_budget_bytes; got neither"
+                    f"memory_fraction={fraction!r} is invalid; expected a number in (0, 1]"
                 )
+            set_("memory_budget_bytes", int(fraction * available_bytes(self.torch_device)))
+        if self.num_blocks is None:
             _check_int("memory_budget_bytes", self.memory_budget_bytes, minimum=1)
             blocks = self.num_blocks_for_memory(self.memory_budget_bytes)
             if blocks < 1:
                 raise ValueError(
-                    f"memory_budget_bytes={self.memory_budget_bytes} holds no block; one block "
-                    f"needs {self.bytes_per_block} bytes"
+                    f"{next(iter(sizes))}={next(iter(sizes.values()))} holds no block "
+                    f"({self.memory_budget_bytes} bytes); one block needs "
+                    f"{self.bytes_per_block} bytes"
                 )
+            # The request becomes a block count: a copy (`replace`) keeps the pool's size.
             set_("num_blocks", blocks)
+            set_("memory_budget_bytes", None)
+            set_("memory_fraction", None)
         else:
             _check_int("num_blocks", self.num_blocks, minimum=1)
-            if self.memory_budget_bytes is not None:
-                raise ValueError(
-                    f"give num_blocks ({self.num_blocks}) or memory_budget_bytes "
-                    f"({self.memory_budget_bytes}), not both"
-                )
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a bool")
 
@@ -181,11 +203,10 @@ class KVCacheConfig:
         return math.ceil(num_tokens / self.block_size)
 
     def replace(self, **changes: Any) -> KVCacheConfig:
-        """A copy with some fields changed (validated again)."""
-        if "memory_budget_bytes" in changes and "num_blocks" not in changes:
-            changes["num_blocks"] = None
-        if "num_blocks" in changes and "memory_budget_bytes" not in changes:
-            changes["memory_budget_bytes"] = None
+        """A copy with some fields changed (validated again); a new size replaces the old."""
+        sizes = ("num_blocks", "memory_budget_bytes", "memory_fraction")
+        if any(changes.get(name) is not None for name in sizes):
+            changes = {**dict.fromkeys(sizes), **changes}
         if "device" in changes and "device_index" not in changes:
             changes["device_index"] = None
         return dataclasses.replace(self, **changes)
@@ -196,7 +217,9 @@ class KVCacheConfig:
         """Read layers, KV heads (GQA/MQA) and head_dim from a transformers `PretrainedConfig`.
 
         Overrides are any `KVCacheConfig` fields (block_size, num_blocks, dtype, device, ...).
-        With neither `num_blocks` nor `memory_budget_bytes`, the pool holds 4096 blocks.
+        Without a size (`num_blocks`, `memory_budget_bytes`, `memory_fraction`) the pool is
+        sized for its device (see `_memory.default_budget`): on CUDA half the free memory, on
+        CPU at most 1 GiB.
         """
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - fields
@@ -234,8 +257,12 @@ class KVCacheConfig:
             with contextlib.suppress(ValueError):
                 values["dtype"] = DType.parse(dtype)
         values.update(overrides)
-        if values.get("num_blocks") is None and values.get("memory_budget_bytes") is None:
-            values["num_blocks"] = 4096
+        sizes = ("num_blocks", "memory_budget_bytes", "memory_fraction")
+        if all(values.get(name) is None for name in sizes):
+            unsized = cls(**{**values, "num_blocks": 1})
+            values["memory_budget_bytes"] = default_budget(
+                unsized.torch_device, unsized.bytes_per_block
+            )
         return cls(**values)
 
 

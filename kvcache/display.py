@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from ._memory import format_bytes
+
 __all__ = ["block_map", "block_map_html", "summary"]
 
 _PALETTE = [
@@ -31,7 +33,8 @@ def summary(manager: Any) -> str:
         f"blocks={s.num_used_blocks}/{s.num_blocks} used ({s.usage:.1%}), "
         f"cached={s.num_cached_blocks}, block_size={c.block_size}, layers={c.num_layers}, "
         f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={c.dtype.value}, "
-        f"device={manager.cache.pool.device}, prefix_hits={s.prefix_hits}/{s.prefix_queries} tokens)"
+        f"device={manager.cache.pool.device}, pool={format_bytes(c.total_bytes)}, "
+        f"prefix_hits={s.prefix_hits}/{s.prefix_queries} tokens)"
     )
 
 

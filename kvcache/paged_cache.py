@@ -8,6 +8,7 @@ import torch
 
 from pagedkv.kernels import copy_blocks, gather_kv, paged_attention, write_kv
 
+from ._memory import HOST_BYTES_PER_BLOCK, available_bytes, format_bytes
 from .config import KVCacheConfig
 
 __all__ = ["PagedKVCache"]
@@ -25,6 +26,7 @@ class PagedKVCache:
     def __init__(self, config: KVCacheConfig) -> None:
         self.config = config
         c = config
+        _check_fits(c)
         self.pool = torch.zeros(
             (c.num_blocks, c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim),
             dtype=c.torch_dtype,
@@ -38,9 +40,13 @@ class PagedKVCache:
         return self.config.num_layers
 
     def _check_layer(self, layer: int) -> None:
-        if not 0 <= layer < self.config.num_layers:
+        if (
+            isinstance(layer, bool)
+            or not isinstance(layer, int)
+            or not (0 <= layer < self.config.num_layers)
+        ):
             raise ValueError(
-                f"layer={layer} is out of range; expected 0..{self.config.num_layers - 1}"
+                f"layer={layer!r} is invalid; expected an integer in 0..{self.config.num_layers - 1}"
             )
 
     def key_cache(self, layer: int) -> torch.Tensor:
@@ -110,3 +116,21 @@ class PagedKVCache:
             f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={c.dtype.value}, "
             f"device={self.pool.device}, {c.total_bytes / 2**20:.1f} MiB)"
         )
+
+
+def _check_fits(config: KVCacheConfig) -> None:
+    """Refuse, before allocating anything, a pool its device (or the host, for the allocator's
+    per-block records) has no room for."""
+    host = config.num_blocks * HOST_BYTES_PER_BLOCK
+    needs = [(config.torch_device, config.total_bytes + (host if config.device == "cpu" else 0))]
+    if config.device != "cpu":
+        needs.append((torch.device("cpu"), host))
+    for device, needed in needs:
+        free = available_bytes(device)
+        if needed > free:
+            raise ValueError(
+                f"a pool of num_blocks={config.num_blocks} needs {format_bytes(needed)} on "
+                f"{device} ({format_bytes(config.bytes_per_block)} per block), but "
+                f"{format_bytes(free)} is free; lower num_blocks or memory_budget_bytes, or "
+                "size it with memory_fraction"
+            )

@@ -42,8 +42,17 @@ def test_config_is_frozen():
         pytest.param({"block_size": 12}, "block_size=12 must be a power of two", id="bs-not-pow2"),
         pytest.param({"block_size": 256}, "block_size=256 is too large", id="bs-too-large"),
         pytest.param({"num_blocks": 0}, "num_blocks=0", id="zero-blocks"),
-        pytest.param({"num_blocks": None}, "num_blocks or memory_budget_bytes", id="no-size"),
-        pytest.param({"memory_budget_bytes": 10}, "not both", id="both-sizes"),
+        pytest.param({"num_blocks": None}, "exactly one of .* got none", id="no-size"),
+        pytest.param({"memory_budget_bytes": 10}, "exactly one of", id="both-sizes"),
+        pytest.param({"memory_fraction": 0.5}, "exactly one of", id="blocks-and-fraction"),
+        pytest.param(
+            {"num_blocks": None, "memory_fraction": 1.5}, "memory_fraction=1.5", id="fraction>1"
+        ),
+        pytest.param(
+            {"num_blocks": None, "memory_fraction": True}, "memory_fraction=True", id="bool-frac"
+        ),
+        pytest.param({"device_index": -1}, "device_index=-1", id="negative-device-index"),
+        pytest.param({"device_index": "0"}, "device_index='0'", id="str-device-index"),
         pytest.param({"dtype": "int8"}, "dtype 'int8' is not supported", id="bad-dtype"),
         pytest.param({"device": "tpu"}, "device 'tpu'", id="bad-device"),
         pytest.param({"num_cpu_blocks": -1}, "num_cpu_blocks=-1", id="negative-cpu-blocks"),
@@ -101,7 +110,43 @@ def test_from_model_config_explicit_head_dim_and_dtype():
     cfg = KVCacheConfig.from_model_config(hf)
     assert (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim) == (2, 1, 32)
     assert cfg.dtype is DType.BFLOAT16
-    assert cfg.num_blocks == 4096  # default pool when no size is given
+
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    "device, free, expected_bytes",
+    [
+        pytest.param("cpu", 16 * GiB, GiB, id="cpu-at-most-1GiB"),
+        pytest.param("cpu", 2 * GiB, GiB // 2, id="cpu-a-quarter-of-available-RAM"),
+        pytest.param("cuda", 10 * GiB, 5 * GiB, id="cuda-half-of-free"),
+    ],
+)
+def test_the_default_pool_fits_the_device(monkeypatch, device, free, expected_bytes):
+    import pagedkv.kvcache._memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda _device: free)
+    hf = LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32)
+    cfg = KVCacheConfig.from_model_config(hf, device=device, dtype="bfloat16")
+    assert cfg.num_blocks == expected_bytes // cfg.bytes_per_block  # 4 MiB blocks here
+    tiny = KVCacheConfig.from_model_config(
+        LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4), device=device
+    )
+    assert tiny.num_blocks == memory.MAX_DEFAULT_BLOCKS[device]  # bounded bookkeeping
+
+
+def test_memory_fraction_sizes_by_free_memory(monkeypatch):
+    import pagedkv.kvcache.config as config
+
+    monkeypatch.setattr(config, "available_bytes", lambda _device: 1000 * 4096)
+    cfg = KVCacheConfig(
+        num_layers=2, num_kv_heads=2, head_dim=32, block_size=4, memory_fraction=0.25
+    )
+    assert cfg.bytes_per_block == 4096 and cfg.num_blocks == 250
+    assert cfg.memory_fraction is None  # resolved: a copy keeps the pool's size
+    assert cfg.replace(dtype="float16").num_blocks == 250
+    assert cfg.replace(memory_budget_bytes=8192).num_blocks == 2
 
 
 def test_from_model_config_gpt2_names():
@@ -114,3 +159,16 @@ def test_from_model_config_gpt2_names():
 def test_from_model_config_rejects_unknown_override():
     with pytest.raises(ValueError, match="unknown KVCacheConfig field"):
         KVCacheConfig.from_model_config(LlamaConfig(), blocksize=8)
+
+
+def test_a_pool_too_large_for_the_device_is_refused_before_allocating():
+    from pagedkv.kvcache import KVCacheManager
+
+    huge = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, num_blocks=10**10)
+    with pytest.raises(ValueError, match=r"num_blocks=10000000000 needs .*TiB on cpu .* is free"):
+        KVCacheManager(huge)
+    tiny_blocks = KVCacheConfig(
+        num_layers=1, num_kv_heads=1, head_dim=1, block_size=1, num_blocks=10**10
+    )
+    with pytest.raises(ValueError, match="per block"):  # the allocator's records alone
+        KVCacheManager(tiny_blocks)

@@ -554,3 +554,16 @@ def test_peak_usage_counts_the_most_blocks_held_at_once():
     assert mgr.stats.peak_used_blocks == 0
     assert mgr.allocate("c", list(range(9))) == 8  # a prefix hit revives 2 cached free blocks
     assert mgr.stats.peak_used_blocks == 2
+
+
+@pytest.mark.parametrize("layer", [True, 2, -1, 1.0])
+def test_a_layer_index_must_be_an_integer_in_range(layer):
+    mgr = make_manager()
+    mgr.allocate("a")
+    slots = mgr.append("a", 2)
+    k = torch.zeros(2, 2, 8)
+    with pytest.raises(
+        ValueError, match=f"layer={layer!r} is invalid; expected an integer in 0..1"
+    ):
+        mgr.cache.write(layer, k, k, slots)
+    assert "pool=32.0 KiB" in repr(mgr)  # 32 blocks of 1 KiB: the size chosen
