@@ -32,6 +32,7 @@ class PagedState:
     # Each (sub-)config and its attention implementation before (None: transformers' default).
     saved_impls: list[tuple[PretrainedConfig, Any]]
     model_ref: weakref.ref  # the model (weakly: it holds this state)
+    request: tuple[Any, dict]  # (config, overrides) as enable_paged_attention was called
     gather: bool = False  # the model's own attention reads gathered K/V (outside the registry)
     # The instance's own `forward` / `generate` attributes before, or MISSING (class methods).
     saved_attrs: dict[str, Any] = field(default_factory=dict)

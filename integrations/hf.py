@@ -62,20 +62,21 @@ def enable_paged_attention(
             "enable_paged_attention needs a transformers generative model; got "
             f"{type(model).__name__}"
         )
+    request = (config, overrides)
+    current = model.__dict__.get(_STATE_ATTR)
+    if current is not None:
+        if current.request == request:
+            return current.manager
+        raise ValueError(
+            f"paged attention is already enabled on this {type(model).__name__} with "
+            f"{_describe(current.request)}; to enable it with {_describe(request)}, call "
+            "disable_paged_attention(model) first"
+        )
     if config is None:
         defaults = {"dtype": model.dtype, "device": model.device}
         config = KVCacheConfig.from_model_config(model.config, **{**defaults, **overrides})
     elif overrides:
         config = config.replace(**overrides)
-    current = get_manager(model)
-    if current is not None:
-        if current.config == config:
-            return current
-        raise ValueError(
-            f"paged attention is already enabled on this {type(model).__name__} with "
-            f"{current.config}; to enable it with {config}, call "
-            "disable_paged_attention(model) first"
-        )
     gather = not _uses_registry(model)
     manager = KVCacheManager(config)
 
@@ -100,6 +101,7 @@ def enable_paged_attention(
         model_config=model.config,
         saved_impls=saved,
         model_ref=weakref.ref(model),
+        request=request,
         gather=gather,
     )
     for name, wrapper in (("forward", paged_forward), ("generate", paged_generate)):
@@ -233,6 +235,13 @@ def _configs_of(model: PreTrainedModel) -> list[PretrainedConfig]:
                 if isinstance(sub, PretrainedConfig):
                     seen.setdefault(id(sub), sub)
     return list(seen.values())
+
+
+def _describe(request: tuple[KVCacheConfig | None, dict]) -> str:
+    config, overrides = request
+    parts = [repr(config)] if config is not None else []
+    parts += [f"{k}={v!r}" for k, v in overrides.items()]
+    return ", ".join(parts) or "the default settings"
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:

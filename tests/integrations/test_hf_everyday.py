@@ -161,9 +161,16 @@ def test_a_prompt_of_padding_only_is_refused_clearly(llama):
     assert manager.num_used_blocks == 0 and not list(manager)
 
 
-def test_enable_again_returns_the_manager_or_says_to_disable(llama):
+def test_enable_again_returns_the_manager_or_says_to_disable(llama, monkeypatch):
+    import pagedkv.kvcache._memory as memory
+
+    manager = enable_paged_attention(llama)  # the default pool: sized by the memory free now
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
+    assert enable_paged_attention(llama) is manager  # the cell run again, with less free
+    monkeypatch.undo()
+    disable_paged_attention(llama)
     manager = enable_paged_attention(llama, block_size=BS)
-    assert enable_paged_attention(llama, block_size=BS) is manager  # the cell run again
+    assert enable_paged_attention(llama, block_size=BS) is manager
     with pytest.raises(ValueError, match="disable_paged_attention.model. first"):
         enable_paged_attention(llama, block_size=2 * BS)
     assert get_manager(llama) is manager
