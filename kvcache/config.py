@@ -237,7 +237,9 @@ class KVCacheConfig:
                 "pass num_layers, num_kv_heads and head_dim to KVCacheConfig directly"
             )
         num_kv_heads = _first_attr(text, "num_key_value_heads", "num_kv_heads", "n_kv_heads")
-        if getattr(text, "multi_query", False):  # gpt_bigcode / falcon style MQA flag
+        if getattr(text, "new_decoder_architecture", False):
+            num_kv_heads = num_heads  # falcon's new architecture caches K/V broadcast to all heads
+        elif getattr(text, "multi_query", False):  # gpt_bigcode / falcon MQA flag
             num_kv_heads = 1
         if num_kv_heads is None:
             num_kv_heads = num_heads

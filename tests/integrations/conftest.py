@@ -108,10 +108,20 @@ FAMILIES: dict[str, Callable[[], tf.PretrainedConfig]] = {
 
 # Attention outside transformers' registry (gptj too on transformers 5.17): they keep their own
 # attention, which reads K/V that PagedCache.update gathers from the blocks.
-GATHER_FAMILIES = ["falcon", "bloom", "mpt"]
+GATHER_FAMILIES = ["falcon", "falcon_gqa", "bloom", "mpt"]
 FAMILIES.update(
     falcon=lambda: tf.FalconConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **_IDS
+    ),
+    # the new decoder architecture: GQA with num_kv_heads (multi_query is ignored)
+    falcon_gqa=lambda: tf.FalconConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        new_decoder_architecture=True,
+        num_kv_heads=2,
+        **_IDS,
     ),
     bloom=lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, **_IDS),
     # mpt defaults to use_cache=False; turn it on so generate runs on the cache

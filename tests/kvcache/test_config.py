@@ -172,3 +172,16 @@ def test_a_pool_too_large_for_the_device_is_refused_before_allocating():
     )
     with pytest.raises(ValueError, match="per block"):  # the allocator's records alone
         KVCacheManager(tiny_blocks)
+
+
+def test_falcon_kv_heads():
+    from transformers import FalconConfig
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    # The new decoder architecture ignores multi_query and caches K/V broadcast to every query
+    # head (transformers' FalconAttention), whatever num_kv_heads says.
+    new = FalconConfig(**common, new_decoder_architecture=True, num_kv_heads=2)
+    assert new.multi_query
+    assert KVCacheConfig.from_model_config(new, num_blocks=4).num_kv_heads == 4
+    mqa = FalconConfig(**common, multi_query=True)
+    assert KVCacheConfig.from_model_config(mqa, num_blocks=4).num_kv_heads == 1
