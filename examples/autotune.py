@@ -8,10 +8,12 @@
 Shapes come from a transformers config (`--model`, `--config-json`) or from flags (heads, KV
 heads, head_dim), crossed with block sizes, dtypes, batch sizes and context lengths. For each
 op -- `paged_attention` decode and prefill, `write_kv` -- and each tuned-config key
-(head_dim, block size, dtype, mode: never token counts), every candidate config is first
-checked against the torch reference, then timed with `triton.testing.do_bench` (median) on every
-shape. The table shows config, time, GB/s (the bytes the op must move at least) and that as a
-percentage of a device-to-device copy measured in the same run. The best config per key is the
+(head_dim, block size, dtype, mode: never token counts), every config of the launcher's own
+autotune space for that launch (`candidate_configs` of pagedkv.kernels.attention / .write_kv:
+pruned as the launcher's autotune prunes it) is first checked against the torch reference,
+then timed with `triton.testing.do_bench` (median) on every shape. The table shows config,
+time, GB/s (the bytes the op must move at least) and that as a percentage of a
+device-to-device copy measured in the same run. The best config per key is the
 one with the lowest geometric mean of (time / best time) over the key's shapes; the best configs
 are saved with `pagedkv.kernels.save_tuned_configs`, and launchers use them after
 
@@ -32,25 +34,16 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from _common import int_at_least
+from _common import DTYPES, block_size_arg, int_at_least, wall_times
 
-DTYPES = ("float16", "bfloat16", "float32")
 OPS = ("decode", "prefill", "write_kv")
 
 
 # ---- arguments --------------------------------------------------------------------------------
 _positive = int_at_least(1)
-
-
-def _block_size(text: str) -> int:
-    value = _positive(text)
-    if value & (value - 1) or value > 128:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; expected a power of two <= 128")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--num-heads", type=_positive, help="query heads (default 32)")
     src.add_argument("--num-kv-heads", type=_positive, help="KV heads (default: --num-heads)")
     src.add_argument("--head-dim", type=_positive, help="head dim (default 128)")
-    src.add_argument("--block-size", type=_block_size, nargs="+", default=[16])
-    src.add_argument("--dtype", choices=DTYPES, nargs="+", default=None, help="default bfloat16")
+    src.add_argument("--block-size", type=block_size_arg, nargs="+", default=[16])
+    src.add_argument(
+        "--dtype", choices=list(DTYPES), nargs="+", default=None, help="default bfloat16"
+    )
     src.add_argument("--batch-sizes", type=_positive, nargs="+", default=[1, 8, 32, 128])
     src.add_argument("--context-lengths", type=_positive, nargs="+", default=[512, 2048, 8192])
     src.add_argument(
@@ -135,53 +130,20 @@ def geometry(args, parser) -> Geometry:
 
 
 # ---- candidate configs --------------------------------------------------------------------------
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def candidates(mode: str, g: Geometry, dtype, interpret: bool) -> list:
+    """The configs the launcher's own autotune would try for this op and geometry, carrying the
+    fields it tunes. Under --interpret the first two: the spaces are ordered smallest tile
+    first, the cheapest in the interpreter."""
+    if mode == "write_kv":
+        from pagedkv.kernels.write_kv import candidate_configs
 
+        space = candidate_configs(num_kv_heads=g.num_kv_heads)
+    else:
+        from pagedkv.kernels.attention import candidate_configs
 
-def attention_configs(mode: str, g: Geometry, dtype, interpret: bool) -> list:
-    """Candidates, built then filtered like the launcher's autotune space (shared memory)."""
-    from pagedkv.kernels import KernelConfig
-
-    if interpret:
-        return [
-            KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1),
-            KernelConfig(block_m=16, block_n=32, num_warps=1, num_stages=1),
-        ]
-    elem = 4 if dtype.itemsize == 4 else 2
-    d_pad = max(_pow2(g.head_dim), 16)
-    group_pad = _pow2(g.num_heads // g.num_kv_heads)
-    # decode: one query token per program, so BLOCK_M is the query-head group (at least 16)
-    block_ms = sorted({max(m, group_pad) for m in ((16,) if mode == "decode" else (32, 64, 128))})
-
-    def keep(c) -> bool:
-        smem = 2 * c.block_n * d_pad * elem * c.num_stages
-        return (
-            smem <= 160 * 1024
-            and not (c.block_n >= 128 and c.num_warps < 4)
-            and not (c.block_n <= 32 and c.num_warps > 4)
-            and c.block_m >= group_pad
-            and (d_pad < 256 or c.block_n <= 64)
-        )
-
-    candidates = [
-        KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
-        for m, n, w, s in itertools.product(block_ms, (32, 64, 128), (2, 4, 8), (1, 2, 3))
-    ]
-    return list(filter(keep, candidates))
-
-
-def write_kv_configs(g: Geometry, interpret: bool) -> list:
-    from pagedkv.kernels import KernelConfig
-
-    if interpret:
-        return [KernelConfig(block_h=1, num_warps=1), KernelConfig(block_h=1, num_warps=2)]
-    heads_pad = _pow2(g.num_kv_heads)
-    return [
-        KernelConfig(block_h=h, num_warps=w)
-        for h, w in itertools.product((1, 2, 4, 8), (1, 2, 4, 8))
-        if h <= heads_pad and h * 64 >= 32 * w
-    ]
+        group = g.num_heads // g.num_kv_heads
+        space = candidate_configs(head_dim=g.head_dim, group=group, dtype=dtype, mode=mode)
+    return space[:2] if interpret else space
 
 
 # ---- one problem ------------------------------------------------------------------------------
@@ -198,33 +160,36 @@ class Problem:
 
 
 def make_problem(mode, g: Geometry, dtype, block_size, batch, context, args, device) -> Problem:
+    """`batch` sequences of `context` cached tokens in a paged pool of just the blocks they need
+    (plus the padding block); decode, prefill of the last `--prefill-tokens` of each, or
+    write_kv of that many new tokens per sequence to random slots."""
     import torch
 
     from pagedkv.kernels import config_key, paged_attention, reference, write_kv
+    from pagedkv.kernels.testing import make_paged_problem
 
-    gen = torch.Generator(device="cpu").manual_seed(batch * 7919 + context)
-    item = torch.empty((), dtype=dtype).element_size()
-    blocks_per_seq = -(-context // block_size)
-    num_blocks = batch * blocks_per_seq + 1
-    shape = (num_blocks, block_size, g.num_kv_heads, g.head_dim)
-    key_cache = torch.randn(shape, generator=gen).to(device, dtype)
-    value_cache = torch.randn(shape, generator=gen).to(device, dtype)
-    perm = torch.randperm(num_blocks - 1, generator=gen)[: batch * blocks_per_seq]
-    block_tables = perm.view(batch, blocks_per_seq).to(device, torch.int32)
-    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    seed = batch * 7919 + context
+    q_len = 1 if mode == "decode" else min(context, args.prefill_tokens)
+    p = make_paged_problem(
+        [context] * batch, [q_len] * batch if mode == "prefill" else None, g.num_heads,
+        g.num_kv_heads, g.head_dim, block_size, dtype, device=device, poison=False, seed=seed,
+        spare_blocks=0,
+    )  # fmt: skip
+    item = p.pool.element_size()
     kv_bytes = 2 * batch * context * g.num_kv_heads * g.head_dim * item
 
     if mode == "write_kv":
-        n = batch * min(context, args.prefill_tokens)
+        gen = torch.Generator().manual_seed(seed)
+        n = batch * q_len
         k = torch.randn(n, g.num_kv_heads, g.head_dim, generator=gen).to(device, dtype)
         v = torch.randn(n, g.num_kv_heads, g.head_dim, generator=gen).to(device, dtype)
-        slots = torch.randperm(num_blocks * block_size, generator=gen)[:n].to(device)
+        slots = torch.randperm(p.key_cache.shape[0] * block_size, generator=gen)[:n].to(device)
 
         def run(config):
-            write_kv(k, v, key_cache, value_cache, slots, config=config)
+            write_kv(k, v, p.key_cache, p.value_cache, slots, config=config)
 
         def check(config):
-            kc, vc = key_cache.clone().zero_(), value_cache.clone().zero_()
+            kc, vc = p.key_cache.clone().zero_(), p.value_cache.clone().zero_()
             ref_k, ref_v = kc.clone(), vc.clone()
             write_kv(k, v, kc, vc, slots, config=config)
             reference.write_kv(k, v, ref_k, ref_v, slots)
@@ -234,40 +199,27 @@ def make_problem(mode, g: Geometry, dtype, block_size, batch, context, args, dev
         moved = 2 * 2 * n * g.num_kv_heads * g.head_dim * item  # read K, V; write them
         return Problem("write_kv", key, f"T={n}", moved, run, check)
 
-    q_len = 1 if mode == "decode" else min(context, args.prefill_tokens)
-    query = torch.randn(batch * q_len, g.num_heads, g.head_dim, generator=gen).to(device, dtype)
-    qsl = None
-    if mode == "prefill":
-        qsl = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device)
-    out = torch.empty_like(query)
+    block_tables = p.block_tables[:, :-1]  # every sequence fills its row: no padding column
+    out = torch.empty_like(p.query)
     scale = g.head_dim**-0.5
 
     def attend(config, backend=None, dst=out):
         return paged_attention(
-            query,
-            key_cache,
-            value_cache,
-            block_tables,
-            seq_lens,
-            scale=scale,
-            query_start_loc=qsl,
-            out=dst,
-            backend=backend,
-            config=config,
-        )
+            p.query, p.key_cache, p.value_cache, block_tables, p.seq_lens, scale=scale,
+            query_start_loc=p.query_start_loc, out=dst, backend=backend, config=config,
+        )  # fmt: skip
 
     reference_out = []  # computed once per shape, on first use
 
     def check(config):
         if not reference_out:
-            reference_out.append(attend(None, backend="torch", dst=torch.empty_like(query)).float())
-        want = reference_out[0]
-        got = attend(config, dst=torch.empty_like(query)).float()
+            reference_out.append(attend(None, "torch", torch.empty_like(p.query)).float())
+        got = attend(config, dst=torch.empty_like(p.query)).float()
         tol = 1e-3 if dtype == torch.float32 else 2e-2
-        return bool(torch.allclose(got, want, atol=tol, rtol=tol))
+        return bool(torch.allclose(got, reference_out[0], atol=tol, rtol=tol))
 
     key = config_key(head_dim=g.head_dim, block_size=block_size, dtype=dtype, mode=mode)
-    moved = kv_bytes + 2 * query.numel() * item
+    moved = kv_bytes + 2 * p.query.numel() * item
     return Problem(
         "paged_attention", key, f"B={batch} ctx={context} q={q_len}", moved, attend, check
     )
@@ -276,13 +228,7 @@ def make_problem(mode, g: Geometry, dtype, block_size, batch, context, args, dev
 # ---- timing -----------------------------------------------------------------------------------
 def bench_ms(fn: Callable[[], object], args) -> float:
     if args.interpret:  # no CUDA events: a wall-clock median
-        fn()
-        samples = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
+        return statistics.median(wall_times(fn, 3)) * 1e3
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
@@ -362,11 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[tuple[str, str], tuple] = {}
     header = f"{'key':28} {'shape':20} {'config':62} {'time':>10} {'GB/s':>8} {'% copy':>7}"
     for dtype_name, block_size, mode in itertools.product(dtypes, args.block_size, args.ops):
-        dtype = getattr(torch, dtype_name)
-        if mode == "write_kv":
-            candidates = write_kv_configs(g, args.interpret)
-        else:
-            candidates = attention_configs(mode, g, dtype, args.interpret)
+        dtype = DTYPES[dtype_name]
+        configs = candidates(mode, g, dtype, args.interpret)
         item = torch.empty((), dtype=dtype).element_size()
         shapes, skipped = [], []
         for b, c in itertools.product(args.batch_sizes, args.context_lengths):
@@ -383,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         print(header)
         times: dict[int, list[float]] = {}
         for problem in problems:
-            for i, config in enumerate(candidates):
+            for i, config in enumerate(configs):
                 label = json.dumps(config.to_dict()).replace('"', "")
                 try:
                     ok = problem.check(config)
@@ -411,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         if not math.isfinite(scores[winner]):
             print(f"{problems[0].key}: no config ran on every shape; nothing saved for it")
             continue
-        best[(problems[0].op, problems[0].key)] = (candidates[winner], scores[winner])
+        best[(problems[0].op, problems[0].key)] = (configs[winner], scores[winner])
 
     print()
     print("best configs (geometric mean of time / best time over the key's shapes):")

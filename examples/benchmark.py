@@ -44,24 +44,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from _common import int_at_least, pad_left, stock_kv_bytes, sync
+from _common import (
+    DTYPES,
+    block_size_arg,
+    device_arg,
+    int_at_least,
+    median_time,
+    pad_left,
+    random_llama,
+    stock_kv_bytes,
+    sync,
+)
 
 from pagedkv.kvcache import KVCacheConfig, KVCacheManager
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PAD, BOS, EOS = 0, 1, 2
-
-
-def median_time(fn: Callable[[], object], repeats: int, inner: int = 1) -> float:
-    """Median seconds per call of `fn` over `repeats` timed batches of `inner` calls."""
-    fn()  # warm up
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+PAD = 0  # the random Llama's pad id (see _common.random_llama)
 
 
 def bench_manager(num_seqs: int = 256, context: int = 512, repeats: int = 21) -> dict:
@@ -111,7 +108,7 @@ class Bench:
 
 
 def build_model(args) -> tuple[torch.nn.Module, str]:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[args.dtype]
     if args.model:
@@ -120,20 +117,15 @@ def build_model(args) -> tuple[torch.nn.Module, str]:
         )
         desc = args.model
     else:
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=args.vocab,
-            hidden_size=args.hidden,
-            intermediate_size=2 * args.hidden,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-            num_key_value_heads=args.kv_heads,
-            max_position_embeddings=4096,
-            pad_token_id=PAD,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
+        model = random_llama(
+            vocab=args.vocab,
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            dtype=dtype,
+            seed=0,
         )
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
         n = sum(p.numel() for p in model.parameters())
         desc = (
             f"random Llama (hidden {args.hidden}, {args.layers} layers, {args.heads} heads / "
@@ -451,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared machine "
         "(use with --threads 1; CPU only)",
     )
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     g.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
@@ -467,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beam-prompt", type=_positive, default=1024)
     g.add_argument("--prefix-len", type=_positive, default=1024)
     g.add_argument("--prefix-new-tokens", type=_positive, default=1)
-    g.add_argument("--block-size", type=_positive, default=16)
+    g.add_argument("--block-size", type=block_size_arg, default=16)
     g.add_argument(
         "--num-blocks",
         type=_positive,
@@ -498,12 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--hidden {args.hidden} must be a multiple of --heads {args.heads}, and --heads a "
             f"multiple of --kv-heads {args.kv_heads}"
         )
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device!r}: CUDA is not available")
+    device = torch.device(args.device)
     if args.dtype == "auto":
         args.dtype = "float16" if device.type == "cuda" else "float32"
     if args.clock == "cpu" and device.type == "cuda":

@@ -29,6 +29,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import wall_times
+
+from pagedkv.kernels.testing import make_paged_problem
 
 DECODE_SHAPES = [(64, 1024), (16, 4096), (1, 8192)]  # (batch, context)
 DECODE_GOALS = {(64, 1024): 0.85, (16, 4096): 0.85, (1, 8192): 0.60}  # fraction of copy BW
@@ -44,71 +47,6 @@ TOLERANCES = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.float()
     return ((out.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
-
-
-# ----------------------------------------------------------------------------------------------
-# Problems
-# ----------------------------------------------------------------------------------------------
-
-
-def make_paged(
-    seq_lens: list[int],
-    q_lens: list[int] | None,
-    num_q_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    *,
-    poison: bool = True,
-    seed: int = 0,
-) -> dict:
-    """A paged problem in a block-major pool ``[num_blocks, 2, block_size, Hkv, D]`` (strided
-    per-layer views), shuffled block tables, block 0 reserved for padding entries, unwritten
-    slots NaN when `poison`. q_lens None = decode."""
-    from pagedkv.kernels import reference
-
-    gen = torch.Generator().manual_seed(seed)
-    num_seqs = len(seq_lens)
-    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
-    num_blocks = 1 + sum(blocks_per_seq) + 2
-    ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
-    block_tables = torch.zeros(num_seqs, max(blocks_per_seq) + 1, dtype=torch.int32)
-    for i, n in enumerate(blocks_per_seq):
-        block_tables[i, :n] = torch.tensor([ids.pop() for _ in range(n)], dtype=torch.int32)
-    positions = torch.cat([torch.arange(s) for s in seq_lens])
-    seq_idx = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(seq_lens))
-    slots = block_tables[seq_idx, positions // block_size].long() * block_size
-    slots += positions % block_size
-
-    fill = float("nan") if poison else 0.0
-    shape = (num_blocks, 2, block_size, num_kv_heads, head_dim)
-    pool = torch.full(shape, fill, dtype=dtype, device=device)
-    total = sum(seq_lens)
-    key = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
-    value = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
-    slots, block_tables = slots.to(device), block_tables.to(device)
-    reference.write_kv(key, value, pool[:, 0], pool[:, 1], slots)
-    if q_lens is None:
-        num_tokens, query_start_loc = num_seqs, None
-    else:
-        num_tokens = sum(q_lens)
-        starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
-        query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)
-    query = torch.randn(num_tokens, num_q_heads, head_dim, generator=gen).to(dtype).to(device)
-    return {
-        "query": query,
-        "key": key,
-        "value": value,
-        "pool": pool,
-        "key_cache": pool[:, 0],
-        "value_cache": pool[:, 1],
-        "block_tables": block_tables,
-        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        "query_start_loc": query_start_loc,
-        "slot_mapping": slots,
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,21 +95,21 @@ def check_ops(device: torch.device, backend: str) -> int:
     for seq_lens, q_lens, hq, hkv, d, bs, dtype, kwargs in cases:
         if interpreted and dtype == torch.bfloat16:
             continue  # the interpreter computes bf16 tl.dot wrongly
-        p = make_paged(seq_lens, q_lens, hq, hkv, d, bs, dtype, device)
+        p = make_paged_problem(
+            seq_lens, q_lens, hq, hkv, d, bs, dtype, device=device, spare_blocks=2
+        )
         name = f"paged_attention seq_lens={seq_lens} q_lens={q_lens} Hq{hq} Hkv{hkv} D{d} bs{bs} "
         name += f"{str(dtype).removeprefix('torch.')} {kwargs}"
         with kernels.trace_backends() as calls:
             out = kernels.paged_attention(
-                p["query"], p["key_cache"], p["value_cache"], p["block_tables"], p["seq_lens"],
-                scale=d**-0.5, query_start_loc=p["query_start_loc"], backend=backend,
-                config=fixed, **kwargs,
+                p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, scale=d**-0.5,
+                query_start_loc=p.query_start_loc, backend=backend, config=fixed, **kwargs,
             )  # fmt: skip
         if calls != [("paged_attention", backend)]:
             fail(f"{name}: ran {calls}, expected {backend}")
         expected = reference.paged_attention(
-            p["query"].float(), p["key_cache"].float(), p["value_cache"].float(),
-            p["block_tables"], p["seq_lens"], scale=d**-0.5,
-            query_start_loc=p["query_start_loc"], **kwargs,
+            p.query.float(), p.key_cache.float(), p.value_cache.float(), p.block_tables,
+            p.seq_lens, scale=d**-0.5, query_start_loc=p.query_start_loc, **kwargs,
         )  # fmt: skip
         if out.isnan().any():
             fail(f"{name}: NaN in output (a poisoned slot was read)")
@@ -181,18 +119,16 @@ def check_ops(device: torch.device, backend: str) -> int:
         checked += 1
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        p = make_paged([1, 37, 16], None, 4, 2, 80, 8, dtype, device)
-        new_key, new_value = torch.randn_like(p["key"]), torch.randn_like(p["value"])
-        expected = p["pool"].clone()
-        reference.write_kv(new_key, new_value, expected[:, 0], expected[:, 1], p["slot_mapping"])
-        kernels.write_kv(
-            new_key, new_value, p["key_cache"], p["value_cache"], p["slot_mapping"],
-            backend=backend,
-        )  # fmt: skip
-        if not torch.equal(p["pool"].nan_to_num(7.0), expected.nan_to_num(7.0)):
+        p = make_paged_problem([1, 37, 16], None, 4, 2, 80, 8, dtype, device=device, spare_blocks=2)
+        new_key, new_value = torch.randn_like(p.key), torch.randn_like(p.value)
+        expected = p.pool.clone()
+        reference.write_kv(new_key, new_value, expected[:, 0, 0], expected[:, 0, 1], p.slot_mapping)
+        kernels.write_kv(new_key, new_value, p.key_cache, p.value_cache, p.slot_mapping,
+                         backend=backend)  # fmt: skip
+        if not torch.equal(p.pool.nan_to_num(7.0), expected.nan_to_num(7.0)):
             fail(f"write_kv {dtype}: differs from the reference")
         key, value = kernels.gather_kv(
-            p["key_cache"], p["value_cache"], p["block_tables"], p["seq_lens"], backend=backend
+            p.key_cache, p.value_cache, p.block_tables, p.seq_lens, backend=backend
         )
         if not (torch.equal(key, new_key) and torch.equal(value, new_value)):
             fail(f"gather_kv {dtype}: not the inverse of write_kv")
@@ -228,13 +164,7 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], tuple[float,
         return lambda fn: tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
 
     def wall(fn: Callable[[], object]) -> tuple[float, float, float]:
-        fn()
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        times.sort()
+        times = [t * 1e3 for t in wall_times(fn, 5)]
         return statistics.median(times), times[1], times[3]
 
     return wall
@@ -269,12 +199,14 @@ def run_timings(device: torch.device, backend: str, *, smoke: bool) -> list[dict
         batch, context = full_batch, full_context
         if smoke:
             batch, context = max(1, batch // 16), context // 64
-        p = make_paged([context] * batch, None, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
-                       dtype, device, poison=False)  # fmt: skip
+        p = make_paged_problem(
+            [context] * batch, None, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, dtype,
+            device=device, poison=False, spare_blocks=2,
+        )  # fmt: skip
         kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * elem
-        nbytes = kv_bytes + 2 * p["query"].numel() * elem
-        out = torch.empty_like(p["query"])
-        args = (p["query"], p["key_cache"], p["value_cache"], p["block_tables"], p["seq_lens"])
+        nbytes = kv_bytes + 2 * p.query.numel() * elem
+        out = torch.empty_like(p.query)
+        args = (p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens)
         scale = HEAD_DIM**-0.5
 
         def paged(args=args, out=out, scale=scale):
@@ -284,11 +216,11 @@ def run_timings(device: torch.device, backend: str, *, smoke: bool) -> list[dict
             f"decode paged {batch}x{context}", bench(paged), nbytes, goal_fraction=goal
         )
         key, value = kernels.gather_kv(
-            p["key_cache"], p["value_cache"], p["block_tables"], p["seq_lens"], backend="torch"
+            p.key_cache, p.value_cache, p.block_tables, p.seq_lens, backend="torch"
         )
         k = key.view(batch, context, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
         v = value.view(batch, context, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
-        q = p["query"].view(batch, NUM_Q_HEADS, 1, HEAD_DIM)
+        q = p.query.view(batch, NUM_Q_HEADS, 1, HEAD_DIM)
 
         def sdpa(q=q, k=k, v=v, scale=scale):
             F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)

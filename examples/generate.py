@@ -31,23 +31,19 @@ import time
 from collections.abc import Iterator
 
 import torch
-from _common import int_at_least, pad_left, stock_kv_bytes, sync
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from _common import (
+    DTYPES,
+    block_size_arg,
+    device_arg,
+    int_at_least,
+    pad_left,
+    random_llama,
+    stock_kv_bytes,
+    sync,
+)
 
 # The offline model: a small random Llama (GQA, 2 layers), big enough to exercise the paths.
-RANDOM_LLAMA = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+RANDOM_LLAMA = {"vocab": 1024, "hidden": 256, "layers": 2, "heads": 4, "kv_heads": 2}
 
 TEXT_PROMPTS = [
     "The capital of France is",
@@ -63,27 +59,6 @@ FOLLOW_UP = "\nTell me more."
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
-def _block_size(text: str) -> int:
-    value = int_at_least(1)(text)
-    if value & (value - 1) or value > 128:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; expected a power of two <= 128")
-    return value
-
-
-def _device(text: str) -> str:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a torch device (cpu, cuda, cuda:1)"
-        ) from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r}: pagedkv runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int_at_least(1), default=4, help="prompts (default 4)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=32, help="default 32")
     p.add_argument("--num-beams", type=int_at_least(1), default=1, help="beam search if > 1")
-    p.add_argument("--block-size", type=_block_size, default=16, help="tokens per KV block")
+    p.add_argument("--block-size", type=block_size_arg, default=16, help="tokens per KV block")
     p.add_argument(
         "--num-blocks", type=int_at_least(1), default=None, help="KV pool size (default: fits)"
     )
     p.add_argument(
-        "--device", type=_device, default=None, help="cpu, cuda (default: cuda if available)"
+        "--device", type=device_arg, default=None, help="cpu, cuda (default: cuda if available)"
     )
     p.add_argument(
         "--dtype",
@@ -118,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- model and prompts --------------------------------------------------------------------------
 def load_model(args) -> tuple[torch.nn.Module, object | None, str]:
     """(model, tokenizer or None, description)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = DTYPES[args.dtype]
     if args.model:
@@ -131,16 +106,13 @@ def load_model(args) -> tuple[torch.nn.Module, object | None, str]:
         )
         desc = f"{args.model}"
     else:
-        torch.manual_seed(args.seed)
-        config = LlamaConfig(**RANDOM_LLAMA)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        model = random_llama(**RANDOM_LLAMA, dtype=dtype, seed=args.seed)
         tokenizer = None
         c = RANDOM_LLAMA
         desc = (
             f"random Llama built from a config (no --model given; offline): hidden "
-            f"{c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} "
-            f"heads / {c['num_key_value_heads']} KV heads, vocab {c['vocab_size']}; "
-            "its output is token ids"
+            f"{c['hidden']}, {c['layers']} layers, {c['heads']} heads / {c['kv_heads']} KV "
+            f"heads, vocab {c['vocab']}; its output is token ids"
         )
     model.to(args.device).eval()
     if tokenizer is None:

@@ -7,14 +7,18 @@ Public ops (each validates its arguments and dispatches to Triton or the torch r
 - `copy_blocks`      whole blocks, every layer in one launch (copy-on-write, fork)
 - `gather_kv`        paged -> contiguous K/V
 
-`reference` holds the same ops in pure torch (the CPU backend). Backend choice: the ``backend=``
-argument, then ``PAGEDKV_BACKEND``, then Triton for CUDA tensors (and for CPU tensors under
-``TRITON_INTERPRET=1``), else torch; `trace_backends()` records which one ran.
+`reference` holds the same ops in pure torch (the CPU backend); `pagedkv.kernels.testing` (not
+imported here) builds the paged problems the kernel tests and benchmarks run the ops on.
+Backend choice: the ``backend=`` argument, then ``PAGEDKV_BACKEND``, then Triton for CUDA
+tensors (and for CPU tensors under ``TRITON_INTERPRET=1``), else torch; `trace_backends()`
+records which one ran.
 
 Launch configs: ``config=KernelConfig(...)`` (or a dict) on `paged_attention` / `write_kv`
 bypasses autotune; `set_tuned_config` / `load_tuned_configs` register configs by
 `config_key(head_dim=, block_size=, dtype=, mode=)`; `save_tuned_configs` writes those plus what
 autotune picked in this process. A ``tuned_configs.json`` beside this file is loaded if shipped.
+`candidate_configs` of the attention and write_kv modules lists a launch's autotune space (what
+examples/autotune.py sweeps).
 """
 
 from . import reference

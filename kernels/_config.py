@@ -176,8 +176,10 @@ def clear_tuned_configs() -> None:
     AUTOTUNED.clear()
 
 
-def from_triton_config(config: Any) -> KernelConfig:
-    """The KernelConfig of a `triton.Config` chosen by autotune."""
+def from_triton_config(config: Any, fields: tuple[str, ...]) -> KernelConfig:
+    """The KernelConfig of a `triton.Config` from an op's autotune space, with only `fields`
+    (those the op's launcher tunes, so that the config run as a tuned config is the same)."""
     names = {"BLOCK_N": "block_n", "BLOCK_H": "block_h", "BLOCK_M": "block_m"}
-    fields = {names[k]: v for k, v in config.kwargs.items() if k in names}
-    return KernelConfig(num_warps=config.num_warps, num_stages=config.num_stages, **fields)
+    values = {names[k]: v for k, v in config.kwargs.items() if k in names}
+    values.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    return KernelConfig(**{field: values[field] for field in fields})

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ._triton import HAS_TRITON
+from ._triton import HAS_TRITON, INTERPRETED
 
 BACKENDS = ("triton", "torch")
 ENV_VAR = "PAGEDKV_BACKEND"
@@ -29,13 +29,7 @@ _TRACE: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.Conte
 
 def triton_interpreted() -> bool:
     """True when the Triton kernels were decorated by the interpreter (they run on CPU tensors)."""
-    if not HAS_TRITON:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from .write_kv import _write_kv_kernel
-
-    return isinstance(_write_kv_kernel, InterpretedFunction)
+    return INTERPRETED
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:

@@ -3,6 +3,10 @@
 pyproject installs Triton on Linux only; elsewhere (macOS, Windows) the package must still import
 and serve the torch backend. Without Triton the kernel definitions stay in place (their
 decorators become no-ops and their bodies never run), and `_dispatch` offers only "torch".
+
+`INTERPRETED`: whether `triton.jit` decorates for the Triton interpreter (TRITON_INTERPRET=1 when
+the kernels were defined, i.e. when this module was imported). Triton decides per decoration, so
+a probe decorated here answers for the kernels decorated right after it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
@@ -41,4 +46,11 @@ except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
     triton = _NoTriton()
     tl = None
 
-__all__ = ["HAS_TRITON", "tl", "triton"]
+
+def _probe() -> None:
+    pass
+
+
+INTERPRETED = HAS_TRITON and isinstance(triton.jit(_probe), InterpretedFunction)
+
+__all__ = ["HAS_TRITON", "INTERPRETED", "tl", "triton"]

@@ -49,48 +49,36 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_tile(
-    tile, q, q_pos, row_valid, m_i, l_i, acc, kv_hi, bt_row_ptr, stride_bt_n,
-    key_cache_ptr, value_cache_ptr, kv_head, offs_d, d_valid,
-    stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
-    stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
-    scale, softcap, sliding_window,
+    tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, bt_row_ptr, stride_bt_n,
+    k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b, stride_vc_o,
+    qk_scale, cap,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     """One online-softmax step over key tile `tile`: returns the updated (m_i, l_i, acc).
-    q: [BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: [BLOCK_M] (log2 domain); acc: [BLOCK_M, HEAD_DIM_PAD]."""
+    q: [BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: [BLOCK_M] (log2 domain); acc: [BLOCK_M, HEAD_DIM_PAD].
+    The loop invariants come from the caller: row r sees keys [row_lo[r], row_hi[r]); k_base,
+    v_base point at this KV head, k_dim, v_dim: [HEAD_DIM_PAD] offsets of its dims; scores are
+    s * qk_scale, then cap * tanh(.) with USE_SOFTCAP."""
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < kv_hi  # never touch a slot at or past seq_len
     block = tl.load(bt_row_ptr + (offs_n // BLOCK_SIZE) * stride_bt_n, mask=n_valid, other=0)
     block = block.to(tl.int64)
     offset = offs_n % BLOCK_SIZE
 
-    # k: [HEAD_DIM_PAD, BLOCK_N]
-    k = tl.load(
-        key_cache_ptr + block[None, :] * stride_kc_b + offset[None, :] * stride_kc_o
-        + kv_head * stride_kc_h + offs_d[:, None] * stride_kc_d,
-        mask=n_valid[None, :] & d_valid[:, None],
-        other=0.0,
-    )
+    # k: [HEAD_DIM_PAD, BLOCK_N]. Addresses as base + slot + dim: ptxas (sm_90) keeps more
+    # configs spill-free in this order than with the dims added first.
+    k_slots = block * stride_kc_b + offset * stride_kc_o
+    k = tl.load(k_base + k_slots[None, :] + k_dim[:, None],
+                mask=d_valid[:, None] & n_valid[None, :], other=0.0)
     # s: [BLOCK_M, BLOCK_N] fp32; fp32 caches get a true fp32 dot, not tf32
     s = tl.dot(q, k, input_precision="ieee") if FP32_DOT else tl.dot(q, k)
-    if USE_SOFTCAP:
-        # softcap * tanh(s * scale / softcap), tanh written with exp2 (no libdevice needed)
-        z = s * (scale / softcap)
-        t = 1.0 - 2.0 / (tl.exp2(z * (2.0 * 1.4426950408889634)) + 1.0)
-        s = t * (softcap * 1.4426950408889634)
-    else:
-        s = s * (scale * 1.4426950408889634)  # fold log2(e): the softmax uses exp2
-
-    visible = row_valid[:, None] & n_valid[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] <= q_pos[:, None])
-    if USE_WINDOW:
-        visible = visible & (q_pos[:, None] - offs_n[None, :] < sliding_window)
+    s = s * qk_scale
+    if USE_SOFTCAP:  # cap * tanh(s), tanh written with exp2 (no libdevice needed)
+        s = (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634)) + 1.0)) * cap
+    visible = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
     s = tl.where(visible, s, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -100,18 +88,14 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
 
     # v: [BLOCK_N, HEAD_DIM_PAD]
-    v = tl.load(
-        value_cache_ptr + block[:, None] * stride_vc_b + offset[:, None] * stride_vc_o
-        + kv_head * stride_vc_h + offs_d[None, :] * stride_vc_d,
-        mask=n_valid[:, None] & d_valid[None, :],
-        other=0.0,
-    )
+    v_slots = block * stride_vc_b + offset * stride_vc_o
+    v = tl.load(v_base + v_slots[:, None] + v_dim[None, :],
+                mask=n_valid[:, None] & d_valid[None, :], other=0.0)
     if FP32_DOT:
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    m_i = m_new
-    return m_i, l_i, acc
+    return m_new, l_i, acc
 
 
 @triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
@@ -213,10 +197,29 @@ def _paged_attention_kernel(
     tile_start = tile_lo + split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tile_lo + num_tiles)
 
+    # Loop invariants. Row r sees keys [row_lo[r], row_hi[r]): none for rows past the tile, up to
+    # its own position when causal, within the window. Scores go to the log2 domain (the softmax
+    # uses exp2): s * scale * log2(e), or softcap * tanh(s * scale / softcap) * log2(e).
+    row_hi = tl.where(row_valid, kv_hi, 0)
+    if CAUSAL:
+        row_hi = tl.minimum(row_hi, q_pos + 1)
+    row_lo = tl.zeros([BLOCK_M], dtype=row_hi.dtype)
+    if USE_WINDOW:
+        row_lo = q_pos - sliding_window + 1
+    if USE_SOFTCAP:
+        qk_scale = scale / softcap
+        cap = softcap * 1.4426950408889634
+    else:
+        qk_scale = scale * 1.4426950408889634
+        cap = 1.0
+    k_base = key_cache_ptr + kv_head * stride_kc_h
+    v_base = value_cache_ptr + kv_head * stride_vc_h
+    k_dim = offs_d * stride_kc_d
+    v_dim = offs_d * stride_vc_d
+    bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
     # The interpreter keeps scalars as 1-element arrays, which numpy >= 2.3 refuses as range()
     # bounds; it walks the tiles with a while loop. Compiled kernels use `for`, which Triton
     # software-pipelines (num_stages); the loop body is the same function either way.
@@ -224,23 +227,17 @@ def _paged_attention_kernel(
         tile = tile_start
         while tile < tile_end:
             m_i, l_i, acc = _attend_tile(
-                tile, q, q_pos, row_valid, m_i, l_i, acc, kv_hi, bt_row_ptr, stride_bt_n,
-                key_cache_ptr, value_cache_ptr, kv_head, offs_d, d_valid,
-                stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
-                stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
-                scale, softcap, sliding_window,
-                BLOCK_SIZE, BLOCK_N, CAUSAL, USE_WINDOW, USE_SOFTCAP, FP32_DOT,
+                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, bt_row_ptr, stride_bt_n,
+                k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b,
+                stride_vc_o, qk_scale, cap, BLOCK_SIZE, BLOCK_N, USE_SOFTCAP, FP32_DOT,
             )
             tile += 1
     else:
         for tile in range(tile_start, tile_end):
             m_i, l_i, acc = _attend_tile(
-                tile, q, q_pos, row_valid, m_i, l_i, acc, kv_hi, bt_row_ptr, stride_bt_n,
-                key_cache_ptr, value_cache_ptr, kv_head, offs_d, d_valid,
-                stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
-                stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
-                scale, softcap, sliding_window,
-                BLOCK_SIZE, BLOCK_N, CAUSAL, USE_WINDOW, USE_SOFTCAP, FP32_DOT,
+                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, bt_row_ptr, stride_bt_n,
+                k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b,
+                stride_vc_o, qk_scale, cap, BLOCK_SIZE, BLOCK_N, USE_SOFTCAP, FP32_DOT,
             )
 
     # A row that saw no key (l_i == 0) outputs exactly 0.
@@ -277,14 +274,14 @@ def _merge_splits_kernel(
     stride_o_t, stride_o_h, stride_o_d,
     # meta-parameters
     HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
 ):
-    # partial_out: [NUM_SPLITS, num_tokens, num_q_heads, HEAD_DIM_PAD] fp32, each split normalised
+    # partial_out: [NUM_SPLITS, num_tokens, num_q_heads, >= HEAD_DIM] fp32, each split normalised
     # partial_lse: [NUM_SPLITS, num_tokens, num_q_heads] fp32 log2-sum-exp, -inf = saw no key
     # out:         [num_tokens, num_q_heads, head_dim]
     # grid:        (num_tokens, num_q_heads)
+    HEAD_DIM_PAD: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
+    SPLITS_PAD: tl.constexpr = triton.next_power_of_2(NUM_SPLITS)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, SPLITS_PAD).to(tl.int64)  # splits x tokens x heads x dims passes 2^31
@@ -336,7 +333,8 @@ def _keep(config: triton.Config) -> bool:
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
-    """The configs that fit this launch's head dim, query tile and dtype (see `_fits`)."""
+    """The configs that fit this launch's head dim, query tile and dtype (see `_fits`); if none
+    does, the smallest tile with the most warps, which the fp32 default also uses."""
     args = {**named_args, **kwargs}
     head_dim_pad, block_m = int(args["HEAD_DIM_PAD"]), int(args["BLOCK_M"])
     fp32 = bool(args["FP32_DOT"])
@@ -345,9 +343,10 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> lis
         for c in configs
         if _fits(block_m, c.kwargs["BLOCK_N"], head_dim_pad, c.num_warps, c.num_stages, fp32)
     ]
-    return kept or [triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=1)]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], -c.num_warps, c.num_stages))]
 
 
+# Smallest tiles first (the cheapest under the interpreter, see examples/autotune.py).
 _AUTOTUNE_CONFIGS = list(
     filter(
         _keep,
@@ -359,6 +358,7 @@ _AUTOTUNE_CONFIGS = list(
         ],
     )
 )
+_TUNED_FIELDS = ("block_n", "num_warps", "num_stages")  # what autotune picks; block_m is fixed
 
 _paged_attention_kernel_tuned = triton.autotune(
     configs=_AUTOTUNE_CONFIGS,
@@ -385,6 +385,11 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
+def _pads(head_dim: int, group: int) -> tuple[int, int]:
+    """(HEAD_DIM_PAD, GROUP_PAD): tl.dot needs K >= 16."""
+    return max(next_power_of_2(head_dim), 16), next_power_of_2(group)
+
+
 @functools.lru_cache(maxsize=1024)
 def _default_config(is_decode: bool, head_dim_pad: int, group_pad: int, fp32: bool) -> KernelConfig:
     """The config used without autotune (interpreter, or fields a partial config leaves open)."""
@@ -395,6 +400,22 @@ def _default_config(is_decode: bool, head_dim_pad: int, group_pad: int, fp32: bo
     block_n = 64 if head_dim_pad <= 128 else 32
     num_warps = 4 if _accumulator_regs(block_m, block_n, head_dim_pad, 4) < 128 else 8
     return KernelConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=2)
+
+
+def candidate_configs(
+    *, head_dim: int, group: int, dtype: torch.dtype, mode: str
+) -> list[KernelConfig]:
+    """The configs autotune tries for launches of this key and query-head group (Hq // Hkv):
+    the autotune space pruned as for such a launch, with only the fields autotune tunes. Each,
+    set as the tuned config of the key, makes the launcher run exactly that config."""
+    if mode not in ("decode", "prefill"):
+        raise ValueError(f"mode must be 'decode' or 'prefill', got {mode!r}")
+    head_dim_pad, group_pad = _pads(head_dim, group)
+    fp32 = dtype == torch.float32
+    defaults = _default_config(mode == "decode", head_dim_pad, group_pad, fp32)
+    block_m = max(defaults.block_m, group_pad, 16)  # as the launcher computes it
+    meta = {"HEAD_DIM_PAD": head_dim_pad, "BLOCK_M": block_m, "FP32_DOT": fp32}
+    return [from_triton_config(c, _TUNED_FIELDS) for c in _prune(_AUTOTUNE_CONFIGS, meta)]
 
 
 def paged_attention(
@@ -488,8 +509,7 @@ def paged_attention(
         return out
     is_decode = query_start_loc is None
     group = num_q_heads // num_kv_heads
-    group_pad = next_power_of_2(group)
-    head_dim_pad = max(next_power_of_2(head_dim), 16)
+    head_dim_pad, group_pad = _pads(head_dim, group)
     mode = "decode" if is_decode else "prefill"
     key_str = config_key(head_dim=head_dim, block_size=block_size, dtype=query.dtype, mode=mode)
 
@@ -565,7 +585,7 @@ def paged_attention(
     grid = (num_q_blocks, num_kv_heads, num_splits)
     if autotune:
         _paged_attention_kernel_tuned[grid](*args, **meta)
-        tuned = from_triton_config(_paged_attention_kernel_tuned.best_config)
+        tuned = from_triton_config(_paged_attention_kernel_tuned.best_config, _TUNED_FIELDS)
         AUTOTUNED.set("paged_attention", key_str, tuned)
     else:
         _paged_attention_kernel[grid](
@@ -584,9 +604,7 @@ def paged_attention(
             *partial_lse.stride()[:2],
             *out.stride(),
             HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad,
             NUM_SPLITS=num_splits,
-            SPLITS_PAD=next_power_of_2(num_splits),
             num_warps=4,
         )
     return out

@@ -29,7 +29,6 @@ def _copy_blocks_kernel(
     stride_map_n,
     # meta-parameters
     HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     USE_PTR_TABLE: tl.constexpr,
     FLAT: tl.constexpr,
@@ -59,6 +58,7 @@ def _copy_blocks_kernel(
         k_row = offs
         v_row = offs
     else:
+        HEAD_DIM_PAD: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
         offs_h = tl.arange(0, HEADS_PAD)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -182,7 +182,6 @@ def copy_blocks(
         *vc0.stride(),
         block_mapping.stride(0),
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=next_power_of_2(head_dim),
         HEADS_PAD=next_power_of_2(num_kv_heads),
         USE_PTR_TABLE=use_ptr_table,
         FLAT=flat,

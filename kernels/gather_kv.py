@@ -34,18 +34,16 @@ def _gather_kv_kernel(
     stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
     stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
     stride_bt_b, stride_bt_n,
-    stride_ko_t, stride_ko_h, stride_ko_d,
-    stride_vo_t, stride_vo_h, stride_vo_d,
     # meta-parameters
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
     HEADS_PAD: tl.constexpr,
 ):
     # key/value cache: [num_blocks, block_size, num_kv_heads, head_dim] (any strides)
     # block_tables:    [num_seqs, max_blocks]; seq_lens, seq_starts: [num_seqs]
-    # key/value out:   [sum(seq_lens), num_kv_heads, head_dim]
+    # key/value out:   [sum(seq_lens), num_kv_heads, head_dim], contiguous (the launcher's)
     # grid:            (num_seqs, max_positions); one program per (sequence, position)
+    HEAD_DIM_PAD: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
     seq = tl.program_id(0).to(tl.int64)
     pos = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -69,16 +67,9 @@ def _gather_kv_kernel(
         + offs_h[:, None] * stride_vc_h + offs_d[None, :] * stride_vc_d,
         mask=mask,
     )
-    ko_ptrs = (
-        key_out_ptr + token * stride_ko_t + offs_h[:, None] * stride_ko_h
-        + offs_d[None, :] * stride_ko_d
-    )
-    vo_ptrs = (
-        value_out_ptr + token * stride_vo_t + offs_h[:, None] * stride_vo_h
-        + offs_d[None, :] * stride_vo_d
-    )
-    tl.store(ko_ptrs, k, mask=mask)
-    tl.store(vo_ptrs, v, mask=mask)
+    out_offs = (token * num_kv_heads + offs_h[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(key_out_ptr + out_offs, k, mask=mask)
+    tl.store(value_out_ptr + out_offs, v, mask=mask)
 # fmt: on
 
 
@@ -132,11 +123,8 @@ def gather_kv(
         *key_cache.stride(),
         *value_cache.stride(),
         *block_tables.stride(),
-        *key.stride(),
-        *value.stride(),
         BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=next_power_of_2(head_dim),
         HEADS_PAD=next_power_of_2(num_kv_heads),
         num_warps=4,
     )

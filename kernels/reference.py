@@ -1,9 +1,10 @@
 """The four ops in pure torch: the CPU backend, and what the Triton kernels are tested against.
 
-Same signatures as the public ops minus ``backend``/``config``; inputs are assumed valid (the
-public launchers check them). Everything is vectorised over sequences and tokens: paged K/V are
-gathered with the block tables into padded ``[B, L, Hkv, D]`` tensors, and attention runs as one
-torch SDPA call with a boolean mask (manual fp32 scores when a softcap is set, which SDPA lacks).
+Same signatures as the public ops minus ``backend``/``config`` (argument types and shapes are
+stated there, once); inputs are assumed valid (the public launchers check them). Everything is
+vectorised over sequences and tokens: paged K/V are gathered with the block tables into padded
+``[B, L, Hkv, D]`` tensors, and attention runs as one torch SDPA call with a boolean mask
+(manual fp32 scores when a softcap is set, which SDPA lacks).
 """
 
 from __future__ import annotations
@@ -14,13 +15,7 @@ import torch.nn.functional as F
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-def write_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
+def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     """Scatter key/value ``[T, Hkv, D]`` into caches ``[num_blocks, block_size, Hkv, D]`` at
     ``slot_mapping[t] = block * block_size + offset``; slot -1 is skipped."""
     block_size = key_cache.shape[1]
@@ -36,11 +31,7 @@ def write_kv(
     value_cache.index_put_((blocks, offsets), value)
 
 
-def copy_blocks(
-    key_caches: list[torch.Tensor],
-    value_caches: list[torch.Tensor],
-    block_mapping: torch.Tensor,
-) -> None:
+def copy_blocks(key_caches, value_caches, block_mapping) -> None:
     """In every layer copy block ``block_mapping[i, 0]`` to ``block_mapping[i, 1]`` (``[N, 2]``)."""
     src, dst = block_mapping[:, 0].long(), block_mapping[:, 1].long()
     for key_cache, value_cache in zip(key_caches, value_caches, strict=True):
@@ -48,12 +39,7 @@ def copy_blocks(
         value_cache[dst] = value_cache[src]
 
 
-def gather_kv(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(key_cache, value_cache, block_tables, seq_lens) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged -> contiguous: key, value ``[sum(seq_lens), Hkv, D]`` packed in sequence order."""
     block_size = key_cache.shape[1]
     seq_lens = seq_lens.long()
@@ -94,20 +80,9 @@ def _gather_padded(
     return padded.transpose(1, 2)
 
 
-def paged_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    *,
-    scale: float,
-    query_start_loc: torch.Tensor | None = None,
-    causal: bool = True,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale,
+                    query_start_loc=None, causal=True, sliding_window=None, softcap=None,
+                    out=None) -> torch.Tensor:  # fmt: skip
     """Attention of packed queries ``[T, Hq, D]`` over paged K/V; returns ``[T, Hq, D]``.
 
     Sequence i's queries are its last q_len_i tokens: query j sits at position

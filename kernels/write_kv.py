@@ -33,13 +33,13 @@ def _write_kv_kernel(
     # meta-parameters
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     # key, value:             [num_tokens, num_kv_heads, head_dim], dtype of the caches
     # key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim] (any strides)
     # slot_mapping:           [num_tokens], slot = block * BLOCK_SIZE + offset, -1 = skip
     # grid:                   (num_tokens, cdiv(num_kv_heads, BLOCK_H))
+    HEAD_DIM_PAD: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -85,22 +85,33 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> lis
     return kept or configs[:1]
 
 
+_NUM_STAGES = 1  # no loop to pipeline
+# Smallest tiles first (the cheapest under the interpreter, see examples/autotune.py).
 _AUTOTUNE_CONFIGS = list(
     filter(
         _keep,
         [
-            triton.Config({"BLOCK_H": block_h}, num_warps=num_warps, num_stages=1)
+            triton.Config({"BLOCK_H": block_h}, num_warps=num_warps, num_stages=_NUM_STAGES)
             for block_h in (1, 2, 4, 8)
             for num_warps in (1, 2, 4, 8)
         ],
     )
 )
+_TUNED_FIELDS = ("block_h", "num_warps")
 
 _write_kv_kernel_tuned = triton.autotune(
     configs=_AUTOTUNE_CONFIGS,
     key=["HEAD_DIM", "BLOCK_SIZE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_write_kv_kernel)
+
+
+def candidate_configs(*, num_kv_heads: int) -> list[KernelConfig]:
+    """The configs autotune tries for launches with `num_kv_heads` heads: the autotune space
+    pruned as for such a launch, with only the fields autotune tunes. Each, set as the tuned
+    config of the launch's key, makes the launcher run exactly that config."""
+    kept = _prune(_AUTOTUNE_CONFIGS, {"num_kv_heads": num_kv_heads})
+    return [from_triton_config(c, _TUNED_FIELDS) for c in kept]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -173,16 +184,15 @@ def write_kv(
         *key_cache.stride(),
         *value_cache.stride(),
     )
-    meta = {
-        "BLOCK_SIZE": block_size,
-        "HEAD_DIM": head_dim,
-        "HEAD_DIM_PAD": next_power_of_2(head_dim),
-    }
+    meta = {"BLOCK_SIZE": block_size, "HEAD_DIM": head_dim}
     if config is None:
         grid = lambda META: (num_tokens, triton.cdiv(num_kv_heads, META["BLOCK_H"]))
         _write_kv_kernel_tuned[grid](*args, **meta)
-        AUTOTUNED.set("write_kv", key_str, from_triton_config(_write_kv_kernel_tuned.best_config))
+        tuned = from_triton_config(_write_kv_kernel_tuned.best_config, _TUNED_FIELDS)
+        AUTOTUNED.set("write_kv", key_str, tuned)
         return
     config = config.merged(_default_config(num_kv_heads, head_dim))
     grid = (num_tokens, triton.cdiv(num_kv_heads, config.block_h))
-    _write_kv_kernel[grid](*args, **meta, BLOCK_H=config.block_h, num_warps=config.num_warps)
+    _write_kv_kernel[grid](
+        *args, **meta, BLOCK_H=config.block_h, num_warps=config.num_warps, num_stages=_NUM_STAGES
+    )

@@ -94,3 +94,45 @@ def test_bad_flag_values_are_named(load_example, capsys):
     with pytest.raises(SystemExit):
         load_example("autotune").main(["--block-size", "24"])
     assert "--block-size: 24 is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["full", "interpret"])
+def test_candidates_come_from_the_launchers_own_space(load_example, interpret):
+    """autotune.py sweeps the configs the launchers' autotune would try: each is an entry of the
+    launcher's `triton.autotune` space (as a KernelConfig of the fields it tunes), none other."""
+    import importlib
+
+    import torch
+
+    from pagedkv.kernels import KernelConfig
+
+    autotune = load_example("autotune")
+    attention = importlib.import_module("pagedkv.kernels.attention")
+    write_kv = importlib.import_module("pagedkv.kernels.write_kv")
+    attention_space = {
+        KernelConfig(block_n=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in attention._paged_attention_kernel_tuned.configs
+    }
+    write_kv_space = {
+        KernelConfig(block_h=c.kwargs["BLOCK_H"], num_warps=c.num_warps)
+        for c in write_kv._write_kv_kernel_tuned.configs
+    }
+    tried = 0
+    for heads, kv_heads, head_dim in [
+        (32, 8, 128),
+        (8, 1, 96),
+        (64, 2, 64),
+        (4, 4, 256),
+        (2, 1, 16),
+    ]:
+        g = autotune.Geometry(heads, kv_heads, head_dim, "test")
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for mode in ("decode", "prefill", "write_kv"):
+                configs = autotune.candidates(mode, g, dtype, interpret)
+                space = write_kv_space if mode == "write_kv" else attention_space
+                assert configs and all(c in space for c in configs), (mode, g, dtype, configs)
+                if interpret:
+                    assert len(configs) <= 2
+                    assert configs == autotune.candidates(mode, g, dtype, False)[: len(configs)]
+                tried += len(configs)
+    assert tried > 0

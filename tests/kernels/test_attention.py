@@ -239,6 +239,12 @@ def test_mqa_group_wider_than_default_tile(make_paged):
     check(make_paged([20, 9], [7, 9], 32, 1, 64, 16, F16, seed=1))
 
 
+def test_layer_of_a_multi_layer_pool(make_paged):
+    """Layer 0 of a `[num_blocks, 3 layers, 2, bs, Hkv, D]` pool: the layout kvcache serves."""
+    check(make_paged([37, 5], None, 4, 2, 64, 8, F32, num_layers=3))
+    check(make_paged([37, 5], [6, 5], 4, 2, 64, 8, F16, num_layers=3))
+
+
 def test_empty_sequences_output_zeros(make_paged):
     problem = make_paged([0, 5, 0], None, 4, 2, 64, 8, F32)
     out = check(problem)

@@ -127,25 +127,25 @@ SCRIPT = textwrap.dedent(
 
     compile_kernel(attention._merge_splits_kernel,
                    {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": "*bf16"},
-                   {"HEAD_DIM": 80, "HEAD_DIM_PAD": 128, "NUM_SPLITS": 5, "SPLITS_PAD": 8})
+                   {"HEAD_DIM": 80, "NUM_SPLITS": 5})
     kv = {"key_ptr": "*bf16", "value_ptr": "*bf16", "key_cache_ptr": "*bf16",
           "value_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"}
     for config in write_kv._AUTOTUNE_CONFIGS:
         compile_kernel(write_kv._write_kv_kernel, kv,
-                       {"BLOCK_SIZE": 16, "HEAD_DIM": 96, "HEAD_DIM_PAD": 128, **config.kwargs},
+                       {"BLOCK_SIZE": 16, "HEAD_DIM": 96, **config.kwargs},
                        config.num_warps, config.num_stages)
     for table, flat in ((False, True), (True, True), (True, False)):
         compile_kernel(copy_blocks._copy_blocks_kernel,
                        {"key_cache_ptr": "*fp16", "value_cache_ptr": "*fp16",
                         "key_layer_ptrs_ptr": "*i64", "value_layer_ptrs_ptr": "*i64",
                         "block_mapping_ptr": "*i64"},
-                       {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "HEADS_PAD": 8,
+                       {"HEAD_DIM": 128, "HEADS_PAD": 8,
                         "USE_PTR_TABLE": table, "FLAT": flat, "FLAT_CHUNK": 4096})
     compile_kernel(gather_kv._gather_kv_kernel,
                    {"key_cache_ptr": "*bf16", "value_cache_ptr": "*bf16",
                     "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
                     "seq_starts_ptr": "*i64", "key_out_ptr": "*bf16", "value_out_ptr": "*bf16"},
-                   {"BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "HEADS_PAD": 8})
+                   {"BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEADS_PAD": 8})
     print("compiled", len(variants) + tried, "attention variants")
     '''
 )
