@@ -539,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "meets" if r["meets_goal"] else "MISSES"
             print(
                 f"manager: decode step for {r['num_seqs']} sequences "
-                f"(append 1 token + block tables + seq lens): {r['us_per_step']:.1f} us/step "
+                f"(a step of 1 new token each, ids included: slots, block tables, seq lens, "
+                f"commit): {r['us_per_step']:.1f} us/step "
                 f"({verdict} the <= {r['goal_us']:.0f} us goal)"
             )
             continue
