@@ -60,7 +60,28 @@ def paged_attention_forward(
         sliding_window=sliding_window or None,
         softcap=softcap or None,
     )
+    if query.requires_grad and torch.is_grad_enabled():
+        out = NoBackward.apply(packed, out)
     return out.view(batch, q_len, num_heads, head_dim), None
+
+
+class NoBackward(torch.autograd.Function):
+    """`apply(source, out)`: `out` (read from the paged pool) marked as depending on `source`,
+    with a backward that refuses: the pool keeps K/V values, not their autograd graph, so
+    gradients would be wrong."""
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(
+            "backward through pagedkv attention: the paged KV cache keeps K/V values, not "
+            "their autograd graph, so gradients would be wrong. For training, run the forward "
+            "with use_cache=False (the model's own attention runs then), or call "
+            "disable_paged_attention(model)."
+        )
 
 
 def paged_mask(*args, **kwargs) -> None:

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from pagedkv.kvcache import KVCacheManager, Step
 
 from . import _forward_context
+from ._hf_attention import NoBackward
 from ._hf_padding import check_positions, real_tokens
 
 __all__ = ["PagedCache"]
@@ -74,24 +75,6 @@ class _Forward:
     counted: bool = False  # whether `_seen` includes this forward's columns yet
     attended: dict[int, int | None] = field(default_factory=dict)  # layer -> sliding window
     gather_index: torch.Tensor | None = None  # padded [batch * width] position of each token
-
-
-class _NoBackward(torch.autograd.Function):
-    """Paged attention's output, marked as depending on the query, with a backward that
-    refuses: the pool keeps K/V values, not their autograd graph, so gradients would be wrong."""
-
-    @staticmethod
-    def forward(ctx, query: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        raise RuntimeError(
-            "backward through pagedkv attention: the paged KV cache keeps K/V values, not "
-            "their autograd graph, so gradients would be wrong. For training, run the forward "
-            "with use_cache=False (the model's own attention runs then), or call "
-            "disable_paged_attention(model)."
-        )
 
 
 class _Held:
@@ -325,7 +308,13 @@ class PagedCache(Cache):
         if layer_idx == 0:
             self._count(forward)
         if forward.gather:
-            return self._gathered(layer_idx, forward, key_states.dtype)
+            key, value = self._gathered(layer_idx, forward, key_states.dtype)
+            if key_states.requires_grad and torch.is_grad_enabled():
+                key, value = (
+                    NoBackward.apply(key_states, key),
+                    NoBackward.apply(value_states, value),
+                )
+            return key, value
         model_kwargs = kwargs.get("kwargs")
         if isinstance(model_kwargs, dict):
             model_kwargs[_forward_context.CACHE_KWARG] = self
@@ -377,8 +366,6 @@ class PagedCache(Cache):
             sliding_window=sliding_window,
             softcap=softcap,
         )
-        if query.requires_grad and torch.is_grad_enabled():
-            out = _NoBackward.apply(query, out)
         return out.to(query.dtype)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -57,14 +57,26 @@ def test_use_cache_left_unset_generates_paged(llama, helpers, how):
     assert manager.stats.prefix_queries > 0, "the call ran on the paged cache"
 
 
-def test_autograd_forward_gives_stock_logits_and_refuses_backward(llama, helpers):
+@pytest.mark.parametrize("family", ["llama", "falcon"])  # falcon: gathered K/V
+def test_autograd_forward_gives_stock_logits_and_refuses_backward(helpers, family):
+    model = helpers.build_model(family)
     ids, _ = helpers.padded_batch([7], seed=2)
-    stock = llama(input_ids=ids).logits
-    enable_paged_attention(llama, block_size=BS)
-    paged = llama(input_ids=ids).logits  # a notebook cell without no_grad
+    stock = model(input_ids=ids).logits
+    enable_paged_attention(model, block_size=BS)
+    paged = model(input_ids=ids).logits  # a notebook cell without no_grad
     torch.testing.assert_close(paged, stock, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="use_cache=False"):
         paged.sum().backward()
+
+
+def test_a_forward_without_cache_trains_as_stock_on_a_gathered_model(helpers):
+    ids, _ = helpers.padded_batch([7], seed=2)
+    stock, paged = helpers.build_model("falcon"), helpers.build_model("falcon")
+    enable_paged_attention(paged, block_size=BS)
+    for model in (stock, paged):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    for a, b in zip(paged.parameters(), stock.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
 
 
 def test_a_forward_without_cache_trains_as_stock(helpers):
