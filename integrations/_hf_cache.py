@@ -281,6 +281,9 @@ class PagedCache(Cache):
         return self._forward
 
     # ---- transformers Cache API -----------------------------------------------------------
+    # update and attend run outside torch.compile's graphs: they read and write the pool
+    # through Python state (the step), which a graph would capture as constants.
+    @torch.compiler.disable
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,6 +349,7 @@ class PagedCache(Cache):
             padded.append(out.to(dtype))
         return padded[0], padded[1]
 
+    @torch.compiler.disable
     def attend(
         self,
         layer_idx: int,

@@ -4,7 +4,8 @@
 a cache (given, or made here when `use_cache` is on) plans its step in `PagedCache.begin_forward`,
 runs the model, and commits the step; anything raised, `KeyboardInterrupt` included, aborts it,
 which leaves the cache as it was before. A forward that keeps no cache (`use_cache=False`)
-runs the model's own attention: exactly stock, training included.
+runs the model's own attention: exactly stock, training included. Under `torch.compile` the
+bookkeeping runs outside the graphs (see `_enter`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,24 @@ __all__ = ["paged_forward"]
 
 
 def paged_forward(state: PagedState, forward, *args, **kwargs):
-    with state.lock:
+    cache = _enter(state, kwargs, args)
+    try:
+        output = forward(*args, **kwargs)
+    except BaseException:
+        _leave(state, cache, ok=False)
+        raise
+    _leave(state, cache, ok=True)
+    return output
+
+
+# The bookkeeping around a forward is Python state (numpy tables, the manager's records): under
+# torch.compile it runs as it is, outside the graphs, and the model's math between is compiled.
+@torch.compiler.disable
+def _enter(state: PagedState, kwargs: dict, args: tuple) -> PagedCache | None:
+    """Take the model's lock and open the forward: plan the step of its cache (made here when
+    none is given and use_cache is on), or switch to the model's own attention (None)."""
+    state.lock.acquire()
+    try:
         if not state.in_generate:
             state.check_call()
         cache = _given_cache(state, kwargs)
@@ -27,18 +45,26 @@ def paged_forward(state: PagedState, forward, *args, **kwargs):
             if use_cache is None:
                 use_cache = getattr(state.model_config, "use_cache", True)
             if not use_cache:
-                with state.stock_attention():
-                    return forward(*args, **kwargs)
+                state.use_stock_attention(True)
+                return None
             cache = PagedCache(state.manager)
             kwargs[state.cache_kwarg] = cache
-        try:
-            _begin_forward(state, cache, args, kwargs)
-            output = forward(*args, **kwargs)
-        except BaseException:
-            cache.end_forward(ok=False)
-            raise
-        cache.end_forward()
-        return output
+        _begin_forward(state, cache, args, kwargs)
+        return cache
+    except BaseException:
+        state.lock.release()
+        raise
+
+
+@torch.compiler.disable
+def _leave(state: PagedState, cache: PagedCache | None, ok: bool) -> None:
+    try:
+        if cache is None:
+            state.use_stock_attention(False)
+        else:
+            cache.end_forward(ok=ok)
+    finally:
+        state.lock.release()
 
 
 def _given_cache(state: PagedState, kwargs: dict) -> PagedCache | None:

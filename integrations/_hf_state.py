@@ -3,12 +3,11 @@ the checks every paged call makes against what changed since."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,17 +44,14 @@ class PagedState:
         for cfg, value in self.saved_impls:
             cfg._attn_implementation_internal = value
 
-    @contextlib.contextmanager
-    def stock_attention(self) -> Iterator[None]:
-        """The model's own attention implementation for the duration of the block (a forward
-        that keeps no cache runs exactly as stock, autograd included)."""
+    def use_stock_attention(self, stock: bool) -> None:
+        """Switch the configs to the model's own attention implementation (a forward that keeps
+        no cache runs exactly as stock, autograd included), or back to pagedkv's."""
         if self.gather:  # nothing was switched: these models keep their own attention
-            yield
             return
-        self.restore_attention()
-        try:
-            yield
-        finally:
+        if stock:
+            self.restore_attention()
+        else:
             for cfg, _ in self.saved_impls:
                 cfg._attn_implementation_internal = ATTN_NAME
 

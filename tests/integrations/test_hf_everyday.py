@@ -268,3 +268,20 @@ def test_an_attention_implementation_switched_after_enable_is_refused(llama, hel
         with pytest.raises(ValueError, match="switched to .*'eager'.*disable_paged_attention"):
             call()
     assert manager.num_used_blocks == 0
+
+
+def test_torch_compile_after_enable_gives_stock_results(llama, helpers):
+    """`model.forward = torch.compile(model.forward)` in a notebook: the paged bookkeeping runs
+    outside the graphs (it used to be traced, and the logits were silently wrong)."""
+    ids, mask = helpers.padded_batch([8, 5], seed=13)
+    with torch.no_grad():
+        stock_logits = llama(input_ids=ids, attention_mask=mask).logits
+    stock_tokens = _generate(llama, input_ids=ids, attention_mask=mask)
+    manager = enable_paged_attention(llama, block_size=BS)
+    llama.forward = torch.compile(llama.forward, backend="aot_eager")  # no codegen: fast on CPU
+    with torch.no_grad():
+        paged_logits = llama(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(paged_logits[real], stock_logits[real], atol=1e-4, rtol=0)
+    assert torch.equal(_generate(llama, input_ids=ids, attention_mask=mask), stock_tokens)
+    manager.check_invariants()
