@@ -7,6 +7,12 @@ Public ops (each validates its arguments and dispatches to Triton or the torch r
 - `copy_blocks`      whole blocks, every layer in one launch (copy-on-write, fork)
 - `gather_kv`        paged -> contiguous K/V
 
+Bad index values (block ids, lengths, slots, query offsets) never make an op read or write
+outside its tensors: launchers reject them with a ValueError where reading them is free (CPU
+tensors, the torch backend); on CUDA the kernels mask them instead (no host sync, so steps stay
+CUDA-graph capturable). Each op's docstring says which inputs are rejected and how the kernel
+masks them.
+
 `reference` holds the same ops in pure torch (the CPU backend); `pagedkv.kernels.testing` (not
 imported here) builds the paged problems the kernel tests and benchmarks run the ops on.
 Backend choice: the ``backend=`` argument, then ``PAGEDKV_BACKEND``, then Triton for CUDA

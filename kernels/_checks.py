@@ -70,3 +70,95 @@ def check_index_vector(t: object, name: str, *, length: int | None, device: torc
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+# ---- values of index tensors ------------------------------------------------------------------
+# Which inputs a launcher rejects and which a kernel masks: a launcher checks the values of its
+# index tensors (block ids, lengths, slots) on the host only where reading them is free (see
+# `checks_values`). On CUDA the Triton kernels never read or write outside their tensors
+# whatever those values are: each launcher's docstring says how it masks them.
+
+
+def checks_values(device: torch.device, backend: str) -> bool:
+    """Whether a launcher reads the values of its index tensors to validate them: for CPU
+    tensors (free) and on the torch backend (the reference reads them anyway). Not for Triton on
+    CUDA: a device->host sync per launch would stall the stream and break CUDA-graph capture."""
+    return device.type == "cpu" or backend == "torch"
+
+
+def _first(bad: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+    """The index of the first True of `bad` (row-major), as text ("[1, 2]") and as a tuple."""
+    index = tuple(bad.nonzero()[0].tolist())
+    return "[" + ", ".join(map(str, index)) + "]", index
+
+
+def _in_range(ids: torch.Tensor, low: int, high: int) -> bool:
+    if ids.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(ids)
+    return int(lo) >= low and int(hi) < high
+
+
+def check_ids_in_range(
+    ids: torch.Tensor,
+    name: str,
+    *,
+    low: int,
+    high: int,
+    expected: str,
+    read: torch.Tensor | None = None,
+) -> None:
+    """Every entry of `ids` (where `read` is True, if given) lies in [low, high); else a
+    ValueError "{name}[i, j] = {value} is out of range {expected}"."""
+    if _in_range(ids, low, high):
+        return
+    bad = (ids < low) | (ids >= high)
+    if read is not None:
+        bad &= read
+    if bool(bad.any()):
+        where, index = _first(bad)
+        raise ValueError(f"{name}{where} = {int(ids[index])} is out of range {expected}")
+
+
+def check_seq_lens_and_tables(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, *, num_blocks: int, block_size: int
+) -> None:
+    """Each seq_len in [0, width * block_size], and each block id a sequence reads (the first
+    cdiv(seq_len, block_size) entries of its row; the rest are never read) in [0, num_blocks)."""
+    width = block_tables.shape[1]
+    max_keys = width * block_size
+    check_ids_in_range(
+        seq_lens,
+        "seq_lens",
+        low=0,
+        high=max_keys + 1,
+        expected=f"(expected 0 to {max_keys}: block_tables rows hold {width} blocks of "
+        f"{block_size} slots)",
+    )
+    if _in_range(block_tables, 0, num_blocks):
+        return
+    blocks_read = (seq_lens.long() + block_size - 1) // block_size
+    check_ids_in_range(
+        block_tables,
+        "block_tables",
+        low=0,
+        high=num_blocks,
+        expected=f"for a pool of {num_blocks} blocks",
+        read=torch.arange(width, device=seq_lens.device) < blocks_read[:, None],
+    )
+
+
+def check_query_start_loc(query_start_loc: torch.Tensor, num_tokens: int) -> None:
+    """Non-decreasing from 0 to `num_tokens` (sequence i's queries are rows qsl[i]:qsl[i + 1])."""
+    starts = query_start_loc.tolist()  # B + 1 ints: cheaper as a list than as tensor ops
+    if starts[0] != 0 or starts[-1] != num_tokens:
+        raise ValueError(
+            f"query_start_loc runs from {starts[0]} to {starts[-1]}, expected 0 to {num_tokens} "
+            "(the query's tokens)"
+        )
+    for i, (a, b) in enumerate(zip(starts, starts[1:])):
+        if b < a:
+            raise ValueError(
+                f"query_start_loc[{i + 1}] = {b} is less than query_start_loc[{i}] = {a}, "
+                "expected non-decreasing offsets"
+            )

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import _dispatch, reference
+from . import _checks, _dispatch, reference
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -49,11 +49,12 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_tile(
-    tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, bt_row_ptr, stride_bt_n,
+    tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, num_blocks, bt_row_ptr, stride_bt_n,
     k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b, stride_vc_o,
-    qk_scale, cap,
+    slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_SLOT_VALID: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
@@ -61,24 +62,36 @@ def _attend_tile(
     q: [BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: [BLOCK_M] (log2 domain); acc: [BLOCK_M, HEAD_DIM_PAD].
     The loop invariants come from the caller: row r sees keys [row_lo[r], row_hi[r]); k_base,
     v_base point at this KV head, k_dim, v_dim: [HEAD_DIM_PAD] offsets of its dims; scores are
-    s * qk_scale, then cap * tanh(.) with USE_SOFTCAP."""
+    s * qk_scale, then cap * tanh(.) with USE_SOFTCAP. Keys at or past kv_hi and keys in a block
+    outside [0, num_blocks) are never read (they load as zeros); with USE_SLOT_VALID a key whose
+    slot is invalid is not attended and its value is not read. (Excluding out-of-pool keys from
+    the softmax too would cost the default path a per-key mask on the scores: 8 to 18 more
+    registers per thread on sm_90; a load mask costs none.)"""
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < kv_hi  # never touch a slot at or past seq_len
-    block = tl.load(bt_row_ptr + (offs_n // BLOCK_SIZE) * stride_bt_n, mask=n_valid, other=0)
+    # keys at or past kv_hi get block -1: never read, never past the row of the block table
+    block = tl.load(bt_row_ptr + (offs_n // BLOCK_SIZE) * stride_bt_n, mask=offs_n < kv_hi,
+                    other=-1)
     block = block.to(tl.int64)
     offset = offs_n % BLOCK_SIZE
+    in_pool = (block >= 0) & (block < num_blocks)  # ids outside the pool read as zeros
 
     # k: [HEAD_DIM_PAD, BLOCK_N]. Addresses as base + slot + dim: ptxas (sm_90) keeps more
     # configs spill-free in this order than with the dims added first.
     k_slots = block * stride_kc_b + offset * stride_kc_o
     k = tl.load(k_base + k_slots[None, :] + k_dim[:, None],
-                mask=d_valid[:, None] & n_valid[None, :], other=0.0)
+                mask=d_valid[:, None] & in_pool[None, :], other=0.0)
     # s: [BLOCK_M, BLOCK_N] fp32; fp32 caches get a true fp32 dot, not tf32
     s = tl.dot(q, k, input_precision="ieee") if FP32_DOT else tl.dot(q, k)
     s = s * qk_scale
     if USE_SOFTCAP:  # cap * tanh(s), tanh written with exp2 (no libdevice needed)
         s = (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634)) + 1.0)) * cap
     visible = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
+    read_v = in_pool
+    if USE_SLOT_VALID:  # an invalid slot is not attended, its V (maybe NaN) not read
+        slot_valid = tl.load(slot_valid_ptr + block * stride_sv_b + offset * stride_sv_o,
+                             mask=in_pool, other=1) != 0
+        visible = visible & slot_valid[None, :]
+        read_v = read_v & slot_valid
     s = tl.where(visible, s, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -87,10 +100,10 @@ def _attend_tile(
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
 
-    # v: [BLOCK_N, HEAD_DIM_PAD]
+    # v: [BLOCK_N, HEAD_DIM_PAD]; keys not read hold 0, never NaN (p is 0 there)
     v_slots = block * stride_vc_b + offset * stride_vc_o
     v = tl.load(v_base + v_slots[:, None] + v_dim[None, :],
-                mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+                mask=read_v[:, None] & d_valid[None, :], other=0.0)
     if FP32_DOT:
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     else:
@@ -98,7 +111,9 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
+@triton.jit(
+    do_not_specialize=["num_seqs", "num_tokens", "num_blocks", "max_keys", "sliding_window"]
+)
 def _paged_attention_kernel(
     # pointers
     query_ptr,
@@ -107,11 +122,15 @@ def _paged_attention_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    slot_valid_ptr,  # [num_blocks, BLOCK_SIZE] uint8, 0 = never attended (USE_SLOT_VALID only)
     out_ptr,
     partial_out_ptr,  # [NUM_SPLITS, num_tokens, num_q_heads, HEAD_DIM_PAD] fp32 (NUM_SPLITS > 1)
     partial_lse_ptr,  # [NUM_SPLITS, num_tokens, num_q_heads] fp32, log2 domain
     # sizes and scalars
     num_seqs,
+    num_tokens,
+    num_blocks,
+    max_keys,  # max_blocks * BLOCK_SIZE: the keys a block-table row covers
     scale,
     softcap,
     sliding_window,
@@ -120,6 +139,7 @@ def _paged_attention_kernel(
     stride_kc_b, stride_kc_o, stride_kc_h, stride_kc_d,
     stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
     stride_bt_b, stride_bt_n,
+    stride_sv_b, stride_sv_o,
     stride_o_t, stride_o_h, stride_o_d,
     stride_po_s, stride_po_t, stride_po_h,
     stride_pl_s, stride_pl_t,
@@ -137,6 +157,7 @@ def _paged_attention_kernel(
     CAUSAL: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
+    USE_SLOT_VALID: tl.constexpr,
     FP32_DOT: tl.constexpr,
     WHILE_LOOP: tl.constexpr,
 ):
@@ -144,7 +165,11 @@ def _paged_attention_kernel(
     # key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim] (any strides)
     # block_tables:           [num_seqs, max_blocks]; seq_lens: [num_seqs]
     # query_start_loc:        [num_seqs + 1] (unused when IS_DECODE: one query per sequence)
+    # slot_valid:             [num_blocks, block_size] (any strides)
     # grid:                   (q-blocks, num_kv_heads, NUM_SPLITS)
+    # Whatever the index values, nothing outside the tensors is read or written: keys stop at
+    # max_keys, block ids outside [0, num_blocks) are not read (their keys load as zeros), query
+    # rows outside [0, num_tokens) are neither read nor written.
     q_block_id = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -156,6 +181,8 @@ def _paged_attention_kernel(
         q_block = q_block_id * 0
     else:
         seq = _find_seq(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q)
+        if seq < 0:  # no sequence starts this early: a query_start_loc not starting at 0
+            return
         q_start = tl.load(query_start_loc_ptr + seq)
         q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
         q_block = q_block_id - (q_start // BLOCK_Q + seq)
@@ -171,6 +198,8 @@ def _paged_attention_kernel(
     row_valid = (offs_m // GROUP_PAD < BLOCK_Q) & (q_idx < q_len) & (head_in_group < GROUP)
     q_head = kv_head * GROUP + head_in_group
     q_token = (q_start + q_idx).to(tl.int64)
+    if not IS_DECODE:
+        row_valid = row_valid & (q_token >= 0) & (q_token < num_tokens)
     q_pos = seq_len - q_len + q_idx  # position of each row's query; negative for left padding
 
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -185,7 +214,7 @@ def _paged_attention_kernel(
     # The keys this tile may see: [kv_lo, kv_hi), cut into BLOCK_N tiles shared among splits.
     pos_first = seq_len - q_len + q_first
     pos_last = seq_len - q_len + tl.minimum(q_first + BLOCK_Q, q_len) - 1
-    kv_hi = seq_len
+    kv_hi = tl.maximum(tl.minimum(seq_len, max_keys), 0)  # never past the block-table row
     if CAUSAL:
         kv_hi = tl.minimum(kv_hi, pos_last + 1)
     kv_lo = 0
@@ -227,17 +256,19 @@ def _paged_attention_kernel(
         tile = tile_start
         while tile < tile_end:
             m_i, l_i, acc = _attend_tile(
-                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, bt_row_ptr, stride_bt_n,
-                k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b,
-                stride_vc_o, qk_scale, cap, BLOCK_SIZE, BLOCK_N, USE_SOFTCAP, FP32_DOT,
+                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, num_blocks, bt_row_ptr,
+                stride_bt_n, k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o,
+                stride_vc_b, stride_vc_o, slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
+                BLOCK_SIZE, BLOCK_N, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT,
             )
             tile += 1
     else:
         for tile in range(tile_start, tile_end):
             m_i, l_i, acc = _attend_tile(
-                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, bt_row_ptr, stride_bt_n,
-                k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b,
-                stride_vc_o, qk_scale, cap, BLOCK_SIZE, BLOCK_N, USE_SOFTCAP, FP32_DOT,
+                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, num_blocks, bt_row_ptr,
+                stride_bt_n, k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o,
+                stride_vc_b, stride_vc_o, slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
+                BLOCK_SIZE, BLOCK_N, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT,
             )
 
     # A row that saw no key (l_i == 0) outputs exactly 0.
@@ -430,6 +461,7 @@ def paged_attention(
     causal: bool = True,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    slot_valid: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     backend: str | None = None,
     config: KernelConfig | dict | None = None,
@@ -444,11 +476,26 @@ def paged_attention(
     cumulative query counts, None for decode (T == B, one query per sequence).
 
     Sequence i's queries are its last q_len_i tokens: query j sits at position
-    p = seq_len_i - q_len_i + j and sees key k iff k < seq_len_i, (not causal or k <= p) and
-    (sliding_window is None or p - k < sliding_window). Scores are (q . k) * scale, then
-    softcap * tanh(scores / softcap) if softcap is set; softmax and accumulation in fp32. A query
-    that sees no key (q_len_i > seq_len_i left padding) outputs exactly 0. Returns ``[T, Hq, D]``
-    in the query dtype (written into ``out`` if given).
+    p = seq_len_i - q_len_i + j and sees key k iff k < seq_len_i, (not causal or k <= p),
+    (sliding_window is None or p - k < sliding_window) and (slot_valid is None or the slot of
+    key k is valid). Scores are (q . k) * scale, then softcap * tanh(scores / softcap) if softcap
+    is set; softmax and accumulation in fp32. A query that sees no key (q_len_i > seq_len_i left
+    padding, or every key it may see invalid) outputs exactly 0. Returns ``[T, Hq, D]`` in the
+    query dtype (written into ``out`` if given).
+
+    slot_valid: ``[num_blocks, block_size]`` bool or uint8 on the caches' device, any strides;
+    slot (block b, offset o) is attended only where it is True / nonzero (holes, right padding).
+    None: every slot is valid, at no cost (the kernel compiles without it).
+
+    Rejected with a ValueError on CPU tensors and on the torch backend: a seq_len outside
+    [0, max_blocks * block_size]; a block id outside [0, num_blocks) among the entries a sequence
+    reads (its first cdiv(seq_len, block_size); the rest are never read); a query_start_loc that
+    does not rise from 0 to T. On CUDA (no host sync) the kernel masks instead: a sequence sees
+    at most its row's max_blocks * block_size keys (positions still count from its seq_len),
+    keys in a block outside the pool are not read but load as zeros (they still take softmax
+    weight, with zero values: finite, wrong numbers, like gather_kv's zero rows), and query rows
+    outside [0, T) are neither read nor written (rows no sequence covers are left unset).
+    Nothing outside the inputs and ``out`` is ever read or written.
 
     config: a KernelConfig (or dict) with block_m, block_n, num_splits, num_warps, num_stages.
     """
@@ -480,14 +527,29 @@ def paged_attention(
         check_index_vector(query_start_loc, "query_start_loc", length=num_seqs + 1, device=device)
     if out is not None:
         check_tensor(out, "out", shape=tuple(query.shape), dtypes=(query.dtype,), device=device)
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+    if slot_valid is not None:
+        check_tensor(
+            slot_valid,
+            "slot_valid",
+            shape=(num_blocks, block_size),
+            dtypes=(torch.bool, torch.uint8),
+            device=device,
+        )
+    window_ok = isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
+    if sliding_window is not None and (not window_ok or sliding_window < 1):
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
-    if softcap is not None and not softcap > 0:
+    if softcap is not None and (isinstance(softcap, bool) or not softcap > 0):
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
     config = KernelConfig.coerce(config)
 
     backend = _dispatch.resolve_backend(backend, device)
     _dispatch.record("paged_attention", backend)
+    if _checks.checks_values(device, backend):
+        _checks.check_seq_lens_and_tables(
+            block_tables, seq_lens, num_blocks=num_blocks, block_size=block_size
+        )
+        if query_start_loc is not None:
+            _checks.check_query_start_loc(query_start_loc, num_tokens)
     if backend == "torch":
         return reference.paged_attention(
             query,
@@ -500,6 +562,7 @@ def paged_attention(
             causal=causal,
             sliding_window=sliding_window,
             softcap=softcap,
+            slot_valid=slot_valid,
             out=out,
         )
 
@@ -542,6 +605,12 @@ def paged_attention(
         partial_out = partial_lse = out  # unused placeholders
     po_strides = partial_out.stride()[:3] if num_splits > 1 else (0, 0, 0)
     pl_strides = partial_lse.stride()[:2] if num_splits > 1 else (0, 0)
+    use_slot_valid = slot_valid is not None
+    if use_slot_valid:
+        slot_valid = slot_valid.view(torch.uint8)  # bool as bytes: one kernel for both dtypes
+        sv_strides = slot_valid.stride()
+    else:
+        slot_valid, sv_strides = seq_lens, (0, 0)  # unused placeholder
 
     args = (
         query,
@@ -550,10 +619,14 @@ def paged_attention(
         block_tables,
         seq_lens,
         seq_lens if query_start_loc is None else query_start_loc,
+        slot_valid,
         out,
         partial_out,
         partial_lse,
         num_seqs,
+        num_tokens,
+        num_blocks,
+        max_blocks * block_size,
         float(scale),
         float(softcap or 1.0),
         int(sliding_window or 0),
@@ -561,6 +634,7 @@ def paged_attention(
         *key_cache.stride(),
         *value_cache.stride(),
         *block_tables.stride(),
+        *sv_strides,
         *out.stride(),
         *po_strides,
         *pl_strides,
@@ -579,6 +653,7 @@ def paged_attention(
         "CAUSAL": bool(causal) and not is_decode,
         "USE_WINDOW": sliding_window is not None,
         "USE_SOFTCAP": softcap is not None,
+        "USE_SLOT_VALID": use_slot_valid,
         "FP32_DOT": fp32,
         "WHILE_LOOP": _dispatch.triton_interpreted(),
     }

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch, reference
+from . import _checks, _dispatch, reference
 from ._checks import FLOAT_DTYPES, check_tensor, next_power_of_2
 from ._triton import tl, triton
 
 
 # Kernels are laid out by hand: arguments grouped by role, one line of strides per tensor.
 # fmt: off
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks"])
 def _copy_blocks_kernel(
     # pointers
     key_cache_ptr,  # layer 0's key cache; its element type types the pointer table too
@@ -20,6 +20,7 @@ def _copy_blocks_kernel(
     value_layer_ptrs_ptr,
     block_mapping_ptr,
     # sizes
+    num_blocks,
     num_kv_heads,
     block_numel,  # block_size * num_kv_heads * head_dim
     # strides
@@ -44,6 +45,8 @@ def _copy_blocks_kernel(
     chunk = tl.program_id(2).to(tl.int64)
     src = tl.load(block_mapping_ptr + pair * stride_map_n).to(tl.int64)
     dst = tl.load(block_mapping_ptr + pair * stride_map_n + 1).to(tl.int64)
+    if (src < 0) | (src >= num_blocks) | (dst < 0) | (dst >= num_blocks):
+        return  # a pair naming a block outside the pool is skipped
 
     if USE_PTR_TABLE:
         k_base = tl.load(key_layer_ptrs_ptr + layer).to(key_cache_ptr.dtype)
@@ -105,6 +108,10 @@ def copy_blocks(
     walks them from one base pointer; otherwise it reads a table of per-layer data pointers.
     A block whose ``[block_size, Hkv, D]`` is contiguous (the pool, or contiguous caches) is
     copied as one flat span in 4096-element chunks; other layouts row by row.
+
+    Block ids outside [0, num_blocks): rejected with a ValueError on CPU tensors and on the torch
+    backend; on CUDA (no host sync) the kernel skips the pair. Nothing outside the caches is
+    ever read or written.
     """
     if not isinstance(key_caches, (list, tuple)) or not isinstance(value_caches, (list, tuple)):
         raise ValueError("key_caches and value_caches must be lists of tensors (one per layer)")
@@ -145,6 +152,14 @@ def copy_blocks(
 
     backend = _dispatch.resolve_backend(backend, device)
     _dispatch.record("copy_blocks", backend)
+    if _checks.checks_values(device, backend):
+        _checks.check_ids_in_range(
+            block_mapping,
+            "block_mapping",
+            low=0,
+            high=num_blocks,
+            expected=f"for a pool of {num_blocks} blocks",
+        )
     if backend == "torch":
         reference.copy_blocks(list(key_caches), list(value_caches), block_mapping)
         return
@@ -174,6 +189,7 @@ def copy_blocks(
         key_ptrs,
         value_ptrs,
         block_mapping,
+        num_blocks,
         num_kv_heads,
         block_numel,
         key_step,

@@ -56,7 +56,11 @@ def gather_kv(key_cache, value_cache, block_tables, seq_lens) -> tuple[torch.Ten
 
 
 def _gather_padded(
-    cache: torch.Tensor, block_ids: torch.Tensor, lengths: list[int], max_len: int
+    cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    lengths: list[int],
+    max_len: int,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, Hkv, max_len, D]`` view of a fresh copy of each sequence's keys (or values).
 
@@ -65,13 +69,16 @@ def _gather_padded(
     contiguous span, so this costs O(blocks gathered) (indexing another dim of the view would
     walk the whole pool). The result is a transposed view (rows ``Hkv * D`` apart): CPU SDPA
     reads it about as fast as a contiguous copy, which would cost more than it saves. The slots
-    past each sequence's length (``lengths``) are zeroed, so stale data (even NaN) there cannot
-    leak into the result.
+    past each sequence's length (``lengths``), and those where ``valid`` ``[B, max_len]`` is
+    False if given, are zeroed, so stale data (even NaN) there cannot leak into the result.
     """
     num_seqs, num_blocks = block_ids.shape
     _, block_size, num_kv_heads, head_dim = cache.shape
     blocks = cache.index_select(0, block_ids.reshape(-1))  # [B * nb, bs, Hkv, D]
     padded = blocks.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_len]
+    if valid is not None:
+        padded.masked_fill_(~valid[:, :, None, None], 0)
+        return padded.transpose(1, 2)
     # One memset per shorter sequence over its tail rows (contiguous here): measured several
     # times cheaper than an indexed or masked write, which touches every row or element.
     for i, length in enumerate(lengths):
@@ -82,11 +89,12 @@ def _gather_padded(
 
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale,
                     query_start_loc=None, causal=True, sliding_window=None, softcap=None,
-                    out=None) -> torch.Tensor:  # fmt: skip
+                    slot_valid=None, out=None) -> torch.Tensor:  # fmt: skip
     """Attention of packed queries ``[T, Hq, D]`` over paged K/V; returns ``[T, Hq, D]``.
 
     Sequence i's queries are its last q_len_i tokens: query j sits at position
-    ``seq_len_i - q_len_i + j``. A query that sees no key outputs zeros.
+    ``seq_len_i - q_len_i + j``. Keys whose slot is False in ``slot_valid`` (if given) are not
+    attended. A query that sees no key outputs zeros.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -96,14 +104,25 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, sc
     if num_tokens == 0 or max_len == 0:
         return torch.zeros_like(query) if out is None else out.zero_()
 
-    # Keys: [B, Hkv, L, D], zeroed past each sequence's end when lengths differ.
+    # Keys: [B, Hkv, L, D], zeroed past each sequence's end when lengths differ, and at
+    # invalid slots.
+    block_size = key_cache.shape[1]
     k_pos = torch.arange(max_len, device=device)
     ragged = min(lengths) < max_len
     key_valid = k_pos < seq_lens[:, None] if ragged else None  # [B, L]
     seq_lens = seq_lens.long()
-    block_ids = block_tables[:, : -(-max_len // key_cache.shape[1])].long()
-    keys = _gather_padded(key_cache, block_ids, lengths, max_len)
-    values = _gather_padded(value_cache, block_ids, lengths, max_len)
+    num_cols = -(-max_len // block_size)
+    block_ids = block_tables[:, :num_cols].long()
+    if ragged:  # entries past a shorter row's blocks are never read: any value may sit there
+        cols = torch.arange(num_cols, device=device)
+        block_ids = block_ids.where(cols < (seq_lens[:, None] + block_size - 1) // block_size, 0)
+    if slot_valid is not None:
+        slots_ok = slot_valid.index_select(0, block_ids.reshape(-1)).view(num_seqs, -1)
+        slots_ok = slots_ok[:, :max_len].bool()
+        key_valid = slots_ok if key_valid is None else key_valid & slots_ok
+    holes = key_valid if slot_valid is not None else None
+    keys = _gather_padded(key_cache, block_ids, lengths, max_len, holes)
+    values = _gather_padded(value_cache, block_ids, lengths, max_len, holes)
 
     # Queries: [B, Hq, M, D]; mask: None (all visible) or bool, broadcastable to [B, M, L].
     mask = None if key_valid is None else key_valid[:, None, :]

@@ -10,6 +10,7 @@ sequence wrote are NaN when poisoned: an op that reads a slot it should not retu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -42,6 +43,24 @@ class PagedProblem:
         mask = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=self.pool.device)
         mask[self.slot_mapping] = True
         return mask.view(num_blocks, block_size)
+
+    def slot_valid(
+        self, holes: Mapping[int, Iterable[int]], *, poison: bool = True
+    ) -> torch.Tensor:
+        """A `paged_attention` slot_valid ``[num_blocks, block_size]`` bool: False at the slots
+        of sequence i's positions ``holes[i]``, True elsewhere. With `poison` those slots'
+        keys and values become NaN, so an op that reads one returns NaN."""
+        num_blocks, block_size = self.key_cache.shape[:2]
+        valid = torch.ones(num_blocks, block_size, dtype=torch.bool, device=self.pool.device)
+        for seq, positions in holes.items():
+            positions = torch.as_tensor(list(positions), dtype=torch.int64)
+            blocks = self.block_tables[seq, positions // block_size].long().to(valid.device)
+            offsets = (positions % block_size).to(valid.device)
+            valid[blocks, offsets] = False
+            if poison:
+                self.key_cache[blocks, offsets] = float("nan")
+                self.value_cache[blocks, offsets] = float("nan")
+        return valid
 
 
 def make_paged_problem(

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from . import _dispatch, reference
+from . import _checks, _dispatch, reference
 from ._checks import FLOAT_DTYPES, check_caches, check_index_vector, check_tensor, next_power_of_2
 from ._config import AUTOTUNED, TUNED, KernelConfig, config_key, from_triton_config
 from ._triton import tl, triton
@@ -15,7 +15,7 @@ from ._triton import tl, triton
 
 # Kernels are laid out by hand: arguments grouped by role, one line of strides per tensor.
 # fmt: off
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _write_kv_kernel(
     # pointers
     key_ptr,
@@ -25,6 +25,7 @@ def _write_kv_kernel(
     slot_mapping_ptr,
     # sizes
     num_kv_heads,
+    num_slots,  # num_blocks * BLOCK_SIZE
     # strides
     stride_k_t, stride_k_h, stride_k_d,
     stride_v_t, stride_v_h, stride_v_d,
@@ -42,7 +43,7 @@ def _write_kv_kernel(
     HEAD_DIM_PAD: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:
+    if (slot < 0) | (slot >= num_slots):  # padding (-1), or a slot outside the pool: skipped
         return
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
@@ -136,8 +137,11 @@ def write_kv(
 
     ``slot = block_id * block_size + offset``; a slot of -1 is skipped (padding). The caches may
     be strided views of a larger pool: every stride is honoured. ``key`` may be of another float
-    dtype than the cache (it is cast first, rounding to nearest even). Slots must be distinct
-    and < num_blocks * block_size.
+    dtype than the cache (it is cast first, rounding to nearest even). Slots must be distinct.
+
+    Out-of-range slots (below -1, or >= num_blocks * block_size): rejected with a ValueError on
+    CPU tensors and on the torch backend; on CUDA (no host sync) the kernel skips them like -1.
+    Nothing is ever written outside the caches.
     """
     check_caches(key_cache, value_cache)
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
@@ -158,6 +162,16 @@ def write_kv(
 
     backend = _dispatch.resolve_backend(backend, device)
     _dispatch.record("write_kv", backend)
+    num_slots = num_blocks * block_size
+    if _checks.checks_values(device, backend):
+        _checks.check_ids_in_range(
+            slot_mapping,
+            "slot_mapping",
+            low=-1,
+            high=num_slots,
+            expected=f"(expected -1 to skip, or a slot in [0, {num_slots}): {num_blocks} blocks "
+            f"of {block_size} slots)",
+        )
     if backend == "torch":
         reference.write_kv(key, value, key_cache, value_cache, slot_mapping)
         return
@@ -179,6 +193,7 @@ def write_kv(
         value_cache,
         slot_mapping,
         num_kv_heads,
+        num_slots,
         *key.stride(),
         *value.stride(),
         *key_cache.stride(),

@@ -69,15 +69,16 @@ SCRIPT = textwrap.dedent(
     def attention_types(dtype):
         types = {n: dtype for n in ("query_ptr", "key_cache_ptr", "value_cache_ptr", "out_ptr")}
         types.update({"block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-                      "query_start_loc_ptr": "*i32", "partial_out_ptr": "*fp32",
-                      "partial_lse_ptr": "*fp32", "scale": "fp32", "softcap": "fp32"})
+                      "query_start_loc_ptr": "*i32", "slot_valid_ptr": "*u8",
+                      "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "scale": "fp32",
+                      "softcap": "fp32"})
         return types
 
     UNIT = {"stride_q_d": 1, "stride_kc_d": 1, "stride_vc_d": 1, "stride_o_d": 1, "stride_bt_n": 1}
     DECODE = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "GROUP": 4, "GROUP_PAD": 4,
               "BLOCK_M": 16, "BLOCK_Q": 4, "BLOCK_N": 64, "NUM_SPLITS": 1, "IS_DECODE": True,
-              "CAUSAL": False, "USE_WINDOW": False, "USE_SOFTCAP": False, "FP32_DOT": False,
-              "WHILE_LOOP": False, **UNIT}
+              "CAUSAL": False, "USE_WINDOW": False, "USE_SOFTCAP": False, "USE_SLOT_VALID": False,
+              "FP32_DOT": False, "WHILE_LOOP": False, **UNIT}
     PREFILL = {**DECODE, "IS_DECODE": False, "CAUSAL": True, "BLOCK_M": 64, "BLOCK_Q": 16}
     variants = [
         ("*bf16", DECODE, 3),
@@ -89,17 +90,22 @@ SCRIPT = textwrap.dedent(
         ("*fp32", {**DECODE, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32,
                    "FP32_DOT": True}, 2),
         ("*bf16", {**PREFILL, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32}, 2),
+        # a per-slot validity mask (slot_valid=) with every other switch
+        ("*bf16", {**DECODE, "USE_SLOT_VALID": True}, 3),
+        ("*fp16", {**PREFILL, "USE_SLOT_VALID": True, "USE_WINDOW": True, "USE_SOFTCAP": True,
+                   "NUM_SPLITS": 2}, 2),
+        ("*fp32", {**DECODE, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32,
+                   "FP32_DOT": True, "USE_SLOT_VALID": True}, 2),
     ]
     for dtype, constexprs, stages in variants:
         kernel = compile_kernel(attention._paged_attention_kernel, attention_types(dtype),
                                 constexprs, num_stages=stages)
-        if constexprs is DECODE:
+        if constexprs["IS_DECODE"] and not constexprs["FP32_DOT"]:
             # K/V loads of the decode loop are software-pipelined (async copies)
             assert "cp.async" in kernel.asm["ptx"], "decode K/V loads are not pipelined"
 
-    # every autotune config that survives the prune, for the benchmark's decode shape
-    # Every config autotune may try (after the prune), and the no-autotune default, for the
-    # main shapes: compiles, fits shared memory, and does not spill registers.
+    # Every config autotune may try (after the prune), and the no-autotune default (also with
+    # slot_valid=), for the main shapes: compiles, fits shared memory, does not spill registers.
     D256 = {"HEAD_DIM": 256, "HEAD_DIM_PAD": 256}
     spaces = [
         ("*bf16", DECODE),
@@ -116,13 +122,15 @@ SCRIPT = textwrap.dedent(
             base["IS_DECODE"], base["HEAD_DIM_PAD"], base["GROUP_PAD"], base["FP32_DOT"]
         )
         assert default.block_m == base["BLOCK_M"], (default, base["BLOCK_M"])
-        candidates = [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned]
-        candidates.append((default.block_n, default.num_warps, default.num_stages))
-        for block_n, num_warps, num_stages in candidates:
+        candidates = [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, False) for c in pruned]
+        for slot_valid in (False, True):
+            candidates.append((default.block_n, default.num_warps, default.num_stages, slot_valid))
+        for block_n, num_warps, num_stages, slot_valid in candidates:
+            constexprs = {**base, "BLOCK_N": block_n, "USE_SLOT_VALID": slot_valid}
             kernel = compile_kernel(attention._paged_attention_kernel, attention_types(dtype),
-                                    {**base, "BLOCK_N": block_n}, num_warps, num_stages)
+                                    constexprs, num_warps, num_stages)
             spills = spill_bytes(kernel) if os.path.exists(PTXAS) else 0
-            assert spills == 0, (dtype, base, block_n, num_warps, num_stages, spills)
+            assert spills == 0, (dtype, constexprs, num_warps, num_stages, spills)
             tried += 1
 
     compile_kernel(attention._merge_splits_kernel,

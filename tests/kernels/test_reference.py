@@ -8,9 +8,13 @@ import torch
 from pagedkv.kernels import reference
 
 
-def oracle_attention(problem, *, scale, causal=True, sliding_window=None, softcap=None):
+def oracle_attention(
+    problem, *, scale, causal=True, sliding_window=None, softcap=None, slot_valid=None
+):
     """Naive float64 attention, one sequence and one query head at a time, reading K/V from the
-    packed `problem.key`/`problem.value` (never the cache)."""
+    packed `problem.key`/`problem.value` (never the cache). `slot_valid` is mapped to the packed
+    keys through `problem.slot_mapping` (the slot each key was written to)."""
+    key_ok = None if slot_valid is None else slot_valid.flatten()[problem.slot_mapping].tolist()
     seq_lens = problem.seq_lens.tolist()
     if problem.query_start_loc is None:
         q_starts, q_lens = list(range(len(seq_lens))), [1] * len(seq_lens)
@@ -31,6 +35,7 @@ def oracle_attention(problem, *, scale, causal=True, sliding_window=None, softca
                 [
                     (not causal or k <= pos)
                     and (sliding_window is None or pos - k < sliding_window)
+                    and (key_ok is None or key_ok[k_start - seq_len + k])
                     for k in range(seq_len)
                 ],
                 dtype=torch.bool,
@@ -143,6 +148,63 @@ def test_reference_matches_oracle(make_paged, seq_lens, q_lens, hq, hkv, d, bs, 
     assert out.dtype == dtype and not out.isnan().any()
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+SLOT_VALID_CASES = [
+    # seq_lens, q_lens (None = decode), Hq, Hkv, D, bs, dtype, holes {seq: positions}, kwargs
+    pytest.param([20, 7], None, 4, 2, 64, 8, torch.float32, {0: [3, 4, 15]}, {}, id="decode"),
+    pytest.param(
+        [20, 7], None, 4, 2, 64, 8, torch.float32, {1: range(7)}, {}, id="decode-row-all-invalid"
+    ),
+    pytest.param(
+        [12, 12], [12, 12], 4, 1, 64, 8, torch.float32, {0: [0], 1: range(6, 10)}, {},
+        id="prefill-causal-across-blocks",
+    ),
+    pytest.param(
+        [30, 9], [5, 9], 4, 2, 64, 8, torch.float32, {0: range(20, 28), 1: [0, 8]},
+        {"sliding_window": 4}, id="prefix-window4-rows-all-invalid",
+    ),
+    pytest.param(
+        [25, 3], [6, 3], 4, 1, 64, 16, torch.float32, {0: [1, 24], 1: [2]}, {"softcap": 5.0},
+        id="prefix-softcap",
+    ),
+    pytest.param(
+        [12, 5], [12, 2], 2, 1, 64, 16, torch.float32, {0: [11], 1: [0, 1]}, {"causal": False},
+        id="noncausal",
+    ),
+    pytest.param(
+        [9, 33], None, 8, 1, 96, 32, torch.float16, {1: range(0, 33, 3)}, {}, id="decode-MQA-fp16"
+    ),
+    pytest.param(
+        [3, 5], [6, 7], 4, 2, 64, 8, torch.float32, {0: [1], 1: [4]}, {"softcap": 3.0},
+        id="qlen-gt-seqlen-softcap",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("seq_lens, q_lens, hq, hkv, d, bs, dtype, holes, kwargs", SLOT_VALID_CASES)
+def test_reference_slot_valid_matches_oracle(
+    make_paged, seq_lens, q_lens, hq, hkv, d, bs, dtype, holes, kwargs
+):
+    """slot_valid: holes are NaN-poisoned in the cache; the oracle masks them explicitly."""
+    problem = make_paged(seq_lens, q_lens, hq, hkv, d, bs, dtype)
+    slot_valid = problem.slot_valid(holes)
+    scale = d**-0.5
+    out = run_reference(problem, scale=scale, slot_valid=slot_valid, **kwargs)
+    expected = oracle_attention(problem, scale=scale, slot_valid=slot_valid, **kwargs)
+    assert out.dtype == dtype and not out.isnan().any()
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_reference_ignores_unread_table_entries(make_paged):
+    """Entries past a shorter row's blocks are never read: any value may sit there."""
+    problem = make_paged([37, 5], [6, 5], 4, 2, 64, 8, torch.float32)
+    expected = oracle_attention(problem, scale=0.125)
+    problem.block_tables[1, 1:] = -1
+    problem.block_tables[0, -1] = 1 << 30
+    out = run_reference(problem, scale=0.125)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_reference_zero_rows_are_exact_zeros(make_paged):
