@@ -1,11 +1,13 @@
 """`PagedCache`: a `transformers.Cache` whose K/V live in a `KVCacheManager`'s blocks.
 
 One manager sequence per batch row. transformers sees one length for the whole batch (the
-columns it has fed, left padding included); the manager holds each row's real tokens only, since
-pads are never stored (slot -1). This class translates between the two: per forward pass,
-`begin_forward` (called by the model's forward wrapper with the attention mask and input ids)
-plans one manager `Step` for every row (the real tokens each row lacks, with their ids; forks
-when generate expands rows for beams), every layer's `update` writes its K/V through the step and
+columns it has fed, padding included); the manager holds each row's columns from its first
+real token on: leading pads are never stored (slot -1), and pads after it (right padding, holes
+in the mask) are stored invalid, hidden from every query (see `_hf_padding`). This class
+translates between the two: per forward pass, `begin_forward` (called by the model's forward
+wrapper with the attention mask and input ids) plans one manager `Step` for every row (the
+columns each row lacks, with their ids and validity; forks when generate expands rows for
+beams), every layer's `update` writes its K/V through the step and
 `attend` runs `paged_attention` on its blocks, and `end_forward` commits the step or, if the
 forward failed, aborts it, which leaves the rows as they were. Nothing is gathered and no tensor
 grows. (Models whose attention bypasses transformers' registry get contiguous K/V from `update`
@@ -30,7 +32,7 @@ from pagedkv.kvcache import KVCacheManager, Step
 
 from . import _forward_context
 from ._hf_attention import NoBackward
-from ._hf_padding import check_positions, real_tokens
+from ._hf_padding import check_positions, window_spans
 
 __all__ = ["PagedCache"]
 
@@ -71,7 +73,7 @@ class _Forward:
     batch: int
     q_len: int
     gather: bool  # return contiguous K/V from update (models outside the registry)
-    before: tuple[list[Hashable], list[int], int]  # rows, fed, seen: restored on abort
+    before: tuple[list[Hashable], list[int], int, bool]  # rows, fed, seen, holes: for an abort
     counted: bool = False  # whether `_seen` includes this forward's columns yet
     attended: dict[int, int | None] = field(default_factory=dict)  # layer -> sliding window
     gather_index: torch.Tensor | None = None  # padded [batch * width] position of each token
@@ -113,8 +115,9 @@ class PagedCache(Cache):
         self.extra_key = extra_key  # prefix-cache namespace (e.g. a model id)
         self._held = _Held(manager)
         self._rows = self._held.rows
-        self._fed: list[int] = []  # real tokens of each row that transformers has fed so far
+        self._fed: list[int] = []  # columns each row stored (from its first real one on)
         self._seen = 0  # columns fed (transformers' view of the length; pads included)
+        self._holes = False  # whether a row stored a pad (then positions skip them)
         self._forward: _Forward | None = None
         self.last_forward: _Forward | None = None  # the latest ended forward (inspection)
         self._finalizer = weakref.finalize(self, self._held.release)
@@ -146,7 +149,8 @@ class PagedCache(Cache):
     ) -> list[int]:
         """Start one sequence per row, reusing cached prefixes; returns each row's cached count.
 
-        `prompts` are the rows' real tokens, `num_pads` their left padding. Afterwards
+        `prompts` are the rows' real tokens (None: not known as a prefix, e.g. a row with pads
+        inside), `num_pads` their left padding. Afterwards
         `get_seq_length()` is the number of leading columns every row has cached (pads count as
         cached), so `generate` computes only the columns after it; columns that some rows hold
         already are then skipped for them (slot -1). `reuse=False` skips the lookup.
@@ -157,7 +161,7 @@ class PagedCache(Cache):
         try:
             for tokens in prompts:
                 seq_id = self._new_id()
-                ids = list(tokens) if reuse else None
+                ids = list(tokens) if reuse and tokens is not None else None
                 cached.append(self.manager.allocate(seq_id, ids, extra_key=self.extra_key))
                 self._rows.append(seq_id)
         except BaseException:
@@ -179,6 +183,7 @@ class PagedCache(Cache):
         self._held.release()
         self._fed.clear()
         self._seen = 0
+        self._holes = False
 
     # ---- one forward pass -----------------------------------------------------------------
     def begin_forward(
@@ -219,26 +224,34 @@ class PagedCache(Cache):
                 f"PagedCache holds {len(self._rows)} rows but the forward has batch size {batch}"
             )
         expand = batch // len(self._rows)  # generate repeats prompts for beams / return seqs
-        real = real_tokens(attention_mask, len(self._rows), q_len, expand)
-        if position_ids is not None and q_len > 1:
-            check_positions(position_ids, self._fed, real, q_len, expand)
-        # tokens each row appends: the real ones it does not hold yet (the window's last ones)
+        spans, window = window_spans(attention_mask, self._fed, q_len, expand)
+        # tokens each row appends: the stored columns it does not hold yet (the window's last)
         new = [
             max(0, f + r - self.manager.seq_len(s))
-            for s, f, r in zip(self._rows, self._fed, real, strict=True)
+            for s, f, r in zip(self._rows, self._fed, spans, strict=True)
         ]
+        valid = None
+        if window is not None:
+            valid = [w[q_len - n :] for w, n in zip(window, new, strict=True)]
+            if all(bool(v.all()) for v in valid):
+                valid = None
+        if position_ids is not None and q_len > 1 and valid is None and not self._holes:
+            check_positions(position_ids, self._fed, spans, q_len, expand)
         ids = None
         if input_ids is not None and tuple(input_ids.shape) == (batch, q_len):
-            window = input_ids[::expand].tolist()
-            ids = [row[q_len - n :] for row, n in zip(window, new, strict=True)]
+            rows = input_ids[::expand].tolist()
+            ids = [row[q_len - n :] for row, n in zip(rows, new, strict=True)]
         forks = None
         if expand > 1:
             forks = [[self._new_id() for _ in range(expand - 1)] for _ in self._rows]
-        step = self.manager.step(self._rows, new, token_ids=ids, num_queries=q_len, forks=forks)
-        before = (list(self._rows), list(self._fed), self._seen)
+        step = self.manager.step(
+            self._rows, new, token_ids=ids, valid=valid, num_queries=q_len, forks=forks
+        )
+        before = (list(self._rows), list(self._fed), self._seen, self._holes)
+        self._holes = self._holes or valid is not None
         self._held.step = step
         self._rows[:] = step.seq_ids
-        self._fed[:] = [f + r for f, r in zip(self._fed, real, strict=True) for _ in range(expand)]
+        self._fed[:] = [f + r for f, r in zip(self._fed, spans, strict=True) for _ in range(expand)]
         self._forward = _Forward(step, batch, q_len, gather, before)
         _forward_context.enter(self)
 
@@ -259,7 +272,7 @@ class PagedCache(Cache):
             step.commit()
             return True
         step.abort()
-        self._rows[:], self._fed[:], self._seen = forward.before
+        self._rows[:], self._fed[:], self._seen, self._holes = forward.before
         return False
 
     def _count(self, forward: _Forward) -> None:

@@ -15,7 +15,6 @@ from transformers import GenerationConfig
 from pagedkv.kvcache import OutOfBlocksError
 
 from ._hf_cache import PagedCache
-from ._hf_padding import check_left_padded
 from ._hf_state import CACHE_KEYS, PagedState
 
 __all__ = ["paged_generate"]
@@ -73,16 +72,20 @@ def _generate(state: PagedState, generate, args: tuple, kwargs: dict):
                 mask = _infer_attention_mask(input_ids, gen_config, kwargs)
                 kwargs["attention_mask"] = mask
             host_ids, host_mask = input_ids.cpu(), mask.cpu().bool()
-            check_left_padded(host_mask)
             empty = [i for i, m in enumerate(host_mask) if not bool(m.any())]
             if empty:
                 raise ValueError(
                     f"prompt rows {empty} have no token (their attention_mask is all 0): stock "
-                    "transformers attends over padding there, and pagedkv stores no padding. "
-                    "Drop those rows or give each at least one token."
+                    "transformers attends over padding there, and pagedkv stores no leading "
+                    "padding. Drop those rows or give each at least one token."
                 )
-            prompts = [row[m].tolist() for row, m in zip(host_ids, host_mask, strict=True)]
-            pads = (~host_mask).sum(1).tolist()
+            pads = host_mask.int().argmax(1).tolist()  # leading pads: never stored
+            # A row with pads after its first token stores them (masked): its real tokens are
+            # not its stored prefix, so it is not looked up.
+            prompts = [
+                row[p:].tolist() if bool(m[p:].all()) else None
+                for row, m, p in zip(host_ids, host_mask, pads, strict=True)
+            ]
             cache.allocate_prompts(prompts, pads, reuse=_starts_from_cache(gen_config, kwargs))
         out = generate(*args, **kwargs)
     except OutOfBlocksError as err:

@@ -72,7 +72,7 @@ def as_token_list(token_ids: object, name: str = "token_ids") -> list[int]:
     if isinstance(token_ids, (torch.Tensor, np.ndarray)):
         if token_ids.ndim != 1:
             raise ValueError(f"{name} must be 1-D; got shape {tuple(token_ids.shape)}")
-        _check_int_dtype(token_ids, name)
+        _check_dtype(token_ids, name)
         return token_ids.tolist()
     if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
         raise ValueError(f"{name} must be a sequence of ints; got {token_ids!r}")
@@ -82,35 +82,58 @@ def as_token_list(token_ids: object, name: str = "token_ids") -> list[int]:
     return [int(t) for t in token_ids]
 
 
-def as_token_array(token_ids: object, counts: np.ndarray) -> np.ndarray:
-    """The new tokens' ids, packed row after row (int64), from a 2-D integer tensor / array
-    or one sequence of ids per row; row i must hold `counts[i]` ids."""
-    if isinstance(token_ids, (torch.Tensor, np.ndarray)) and token_ids.ndim == 2:
-        _check_int_dtype(token_ids, "token_ids")
-        got = [token_ids.shape[1]] * token_ids.shape[0]
+def as_token_array(
+    values: object, counts: np.ndarray, *, kind: str = "i", name: str = "token_ids"
+) -> np.ndarray:
+    """One value per new token, packed row after row: from a 2-D tensor / array or one
+    sequence per row; row i must hold `counts[i]` values. `kind` "i": integer ids (int64),
+    "b": booleans."""
+    if isinstance(values, (torch.Tensor, np.ndarray)) and values.ndim == 2:
+        _check_dtype(values, name, kind)
+        got = [values.shape[1]] * values.shape[0]
         flat = None
         if got == counts.tolist():
-            data = token_ids.detach().cpu() if isinstance(token_ids, torch.Tensor) else token_ids
-            flat = np.asarray(data, dtype=np.int64).reshape(-1)
-    elif isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
-        raise ValueError(f"token_ids must hold one sequence of ints per row; got {token_ids!r}")
+            data = values.detach().cpu() if isinstance(values, torch.Tensor) else values
+            flat = np.asarray(data).reshape(-1)
+    elif isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must hold one sequence per row; got {values!r}")
     else:
-        rows = [as_token_list(t, f"token_ids[{i}]") for i, t in enumerate(token_ids)]
+        rows = [_as_list(t, f"{name}[{i}]", kind) for i, t in enumerate(values)]
         got = [len(r) for r in rows]
         flat = np.fromiter((t for r in rows for t in r), np.int64, sum(got))
     if got != counts.tolist():
         raise ValueError(
-            f"token_ids has rows of lengths {got}; expected {counts.tolist()} (one id per new "
-            "token)"
+            f"{name} has rows of lengths {got}; expected {counts.tolist()} (one per new token)"
         )
-    return flat
+    if kind == "b":
+        if flat.dtype != bool and flat.size and not np.isin(flat, (0, 1)).all():
+            raise ValueError(f"{name} must hold bools (or 0 / 1); got values {np.unique(flat)}")
+        return flat.astype(bool, copy=False)
+    return flat.astype(np.int64, copy=False)
 
 
-def _check_int_dtype(t: torch.Tensor | np.ndarray, name: str) -> None:
-    ok = (
-        not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
-        if isinstance(t, torch.Tensor)
-        else t.dtype.kind in "iu"
-    )
+def _as_list(values: object, name: str, kind: str) -> list[int]:
+    if kind == "i":
+        return as_token_list(values, name)
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        if values.ndim != 1:
+            raise ValueError(f"{name} must be 1-D; got shape {tuple(values.shape)}")
+        _check_dtype(values, name, kind)
+        return values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a sequence of bools; got {values!r}")
+    bad = next((v for v in values if not (isinstance(v, (bool, np.bool_)) or v in (0, 1))), None)
+    if bad is not None:
+        raise ValueError(f"{name} must hold bools (or 0 / 1); got {bad!r} in {list(values)!r}")
+    return [bool(v) for v in values]
+
+
+def _check_dtype(t: torch.Tensor | np.ndarray, name: str, kind: str = "i") -> None:
+    if isinstance(t, torch.Tensor):
+        integer = not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+        ok = integer or (kind == "b" and t.dtype == torch.bool)
+    else:
+        ok = t.dtype.kind in ("biu" if kind == "b" else "iu")
     if not ok:
-        raise ValueError(f"{name} must hold integers; got dtype {t.dtype}")
+        expected = "bools" if kind == "b" else "integers"
+        raise ValueError(f"{name} must hold {expected}; got dtype {t.dtype}")

@@ -181,6 +181,7 @@ class KVCacheManager:
         num_tokens: int | Sequence[int] = 1,
         *,
         token_ids: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        valid: Sequence[Sequence[bool]] | torch.Tensor | None = None,
         num_queries: int | None = None,
         forks: Sequence[Sequence[Hashable]] | None = None,
     ) -> Step:
@@ -188,7 +189,8 @@ class KVCacheManager:
         allowed) to each sequence, then fork `forks[i]` (new ids) off sequence i.
 
         `token_ids[i]` are sequence i's new tokens (known ids let full blocks join the prefix
-        cache). With `num_queries`, each row of the forward has that many queries, its new
+        cache). `valid[i][j]` False stores token j but hides it from every query (a pad inside
+        a padded batch; its sequence's blocks stop joining the prefix cache). With `num_queries`, each row of the forward has that many queries, its new
         tokens the last of them (padded batches); otherwise a row's queries are its new tokens.
         All or nothing (`OutOfBlocksError`, `ValueError`: nothing changed). Returns an open
         `Step`: commit it when the forward succeeded, abort it otherwise (or use `with`).
@@ -201,17 +203,22 @@ class KVCacheManager:
             _checks.check_count("num_queries", num_queries, minimum=max(int(new.max()), 1))
         row_of, index = ragged(new)
         rows = self._seqs.rows(states)
-        ids = None
+        ids = unknown = flags = None
+        if valid is not None:
+            flags = _checks.as_token_array(valid, new, kind="b", name="valid")
+            if not flags.all():  # rows with pads stored: their ids no longer name the slots
+                unknown = np.zeros(len(states), bool)
+                unknown[row_of[~flags]] = True
         if token_ids is not None:
             ids = _checks.as_token_array(token_ids, new)
-            self._seqs.check_agrees(states, rows, row_of, index, ids)
+            self._seqs.check_agrees(states, rows, row_of, index, ids, unknown)
         if forks is not None:
             forks = _checks.as_forks(forks, len(states))
             for child in (c for f in forks for c in f):
                 self._check_new_id(child, "fork into")
-        growth = self._seqs.grow(states, rows, new, (row_of, index, ids), forks)
+        growth = self._seqs.grow(states, rows, new, (row_of, index, ids, unknown), forks)
         try:
-            return Step(self._seqs, growth, self.cache, num_queries)
+            return Step(self._seqs, growth, self.cache, num_queries, flags)
         except BaseException:
             self._seqs.undo(growth)
             raise

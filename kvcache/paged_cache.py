@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from pagedkv.kernels import copy_blocks, gather_kv, paged_attention, write_kv
@@ -34,6 +35,12 @@ class PagedKVCache:
         )
         self._keys = [self.pool[:, layer, 0] for layer in range(c.num_layers)]
         self._values = [self.pool[:, layer, 1] for layer in range(c.num_layers)]
+        # Whether each slot may be attended (False: a pad stored inside a padded batch); read by
+        # attention only once some slot was written invalid (`has_holes`).
+        self.slot_valid = torch.ones(
+            (c.num_blocks, c.block_size), dtype=torch.bool, device=c.torch_device
+        )
+        self.has_holes = False
 
     @property
     def num_layers(self) -> int:
@@ -77,6 +84,18 @@ class PagedKVCache:
         self._check_layer(layer)
         write_kv(key.detach(), value.detach(), self._keys[layer], self._values[layer], slot_mapping)
 
+    def mark_valid(self, slots: np.ndarray, valid: np.ndarray | None) -> None:
+        """Slots `slots` (int64, none -1) now hold tokens that are `valid` (None: all)."""
+        if valid is not None and not bool(valid.all()):
+            self.has_holes = True
+        if not self.has_holes:
+            return  # every slot ever written is valid: nothing to record
+        device = self.slot_valid.device
+        values = (
+            torch.ones(len(slots), dtype=torch.bool) if valid is None else torch.from_numpy(valid)
+        )
+        self.slot_valid.view(-1)[torch.from_numpy(slots).to(device)] = values.to(device)
+
     def attend(
         self,
         layer: int,
@@ -91,6 +110,8 @@ class PagedKVCache:
         query_start_loc, causal, sliding_window, softcap, out).
         """
         self._check_layer(layer)
+        if self.has_holes:
+            kwargs["slot_valid"] = self.slot_valid
         return paged_attention(
             query, self._keys[layer], self._values[layer], block_tables, seq_lens, **kwargs
         )
@@ -107,7 +128,10 @@ class PagedKVCache:
         mapping = torch.as_tensor(block_mapping, dtype=torch.int64).reshape(-1, 2)
         if mapping.numel() == 0:
             return
-        copy_blocks(self._keys, self._values, mapping.to(self.pool.device))
+        mapping = mapping.to(self.pool.device)
+        copy_blocks(self._keys, self._values, mapping)
+        if self.has_holes:
+            self.slot_valid[mapping[:, 1]] = self.slot_valid[mapping[:, 0]]
 
     def __repr__(self) -> str:
         c = self.config

@@ -42,26 +42,35 @@ class TokenTable(RowArrays):
 
     def first_conflict(
         self, rows: np.ndarray, starts: np.ndarray, row_of: np.ndarray, pos: np.ndarray,
-        ids: np.ndarray,
+        ids: np.ndarray, unknown: np.ndarray | None = None,
     ) -> int | None:  # fmt: skip
         """Index into `ids` (new tokens at positions `pos` of rows `rows[row_of]`) of the first
-        one that contradicts a known id, or None."""
+        one that contradicts a known id, or None. Rows marked `unknown` are not checked."""
         known = self.num_known[rows]
         if not bool((known > starts).any()):
             return None
         check = pos < known[row_of]
+        if unknown is not None:
+            check &= ~unknown[row_of]
         stored = self.ids[rows[row_of][check], pos[check]]
         bad = np.flatnonzero(check)[stored != ids[check]]
         return int(bad[0]) if bad.size else None
 
     def record(
         self, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, row_of: np.ndarray,
-        pos: np.ndarray, ids: np.ndarray,
+        pos: np.ndarray, ids: np.ndarray | None, unknown: np.ndarray | None = None,
     ) -> np.ndarray:  # fmt: skip
         """New tokens `ids` at positions `pos` of rows `rows[row_of]` (row i's run from
-        `starts[i]` to `ends[i]`). Returns the rows' previous `num_known`, for `restore`."""
+        `starts[i]` to `ends[i]`); rows marked `unknown` (all, when `ids` is None) hold tokens
+        without ids from `starts[i]` on. Returns the rows' previous `num_known`, for `restore`."""
         known = self.num_known[rows]
+        if ids is None:
+            unknown = np.ones(len(rows), bool)
         grows = (known >= starts) & (ends > known)  # no gap before, and ids to add
+        if unknown is not None:
+            grows &= ~unknown
+            cut = unknown & (known > starts)  # ids declared for positions that hold others
+            self.num_known[rows[cut]] = starts[cut]
         if grows.all():
             self.ensure_cols(int(ends.max()))
             self.ids[rows[row_of], pos] = ids

@@ -108,12 +108,14 @@ class Sequences:
         row_of: np.ndarray,
         index: np.ndarray,
         ids: np.ndarray,
+        unknown: np.ndarray | None,
     ) -> None:
         """New tokens' ids (`ids[k]`: the `index[k]`-th new token of `states[row_of[k]]`) must
-        agree with the ids the sequences know already (a prompt declared to `allocate`)."""
+        agree with the ids the sequences know already (a prompt declared to `allocate`); rows
+        marked `unknown` drop their ids instead."""
         starts = self.table.num_tokens[rows]
         pos = starts[row_of] + index
-        bad = self.tokens.first_conflict(rows, starts, row_of, pos, ids)
+        bad = self.tokens.first_conflict(rows, starts, row_of, pos, ids, unknown)
         if bad is not None:
             state = states[row_of[bad]]
             raise ValueError(
@@ -231,12 +233,12 @@ class Sequences:
         states: list[SeqState],
         rows: np.ndarray,
         num_new: np.ndarray,
-        new_tokens: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+        new_tokens: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None],
         forks: Sequence[Sequence[Hashable]] | None,
     ) -> Growth:
         """Reserve `num_new[i]` more tokens for each sequence (of block-table row `rows[i]`),
         then fork `forks[i]` off it. `new_tokens` is `ragged(num_new)` plus the new tokens'
-        ids (None: unknown).
+        ids (None: unknown) and the rows whose ids are unknown anyway (None: none).
 
         All or nothing: `OutOfBlocksError` if the pool is short, and nothing changed. A shared
         last block that a sequence writes into is copied first; when every holder of a block
@@ -281,10 +283,11 @@ class Sequences:
             table.append_blocks(rows, need, self.allocator.allocate(total - len(copy)))
         ends = lens + num_new
         table.num_tokens[rows] = ends
-        row_of, index, ids = new_tokens
+        row_of, index, ids, unknown = new_tokens
         old_known = None
-        if ids is not None:
-            old_known = self.tokens.record(rows, lens, ends, row_of, lens[row_of] + index, ids)
+        if ids is not None or unknown is not None:
+            pos = lens[row_of] + index
+            old_known = self.tokens.record(rows, lens, ends, row_of, pos, ids, unknown)
         growth = Growth(
             states, rows, lens, num_new, num_blocks, row_of, index, old_known, flagged, copied
         )

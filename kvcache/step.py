@@ -56,14 +56,22 @@ class Step:
     )
 
     def __init__(
-        self, seqs: Sequences, growth: Growth, cache: PagedKVCache, num_queries: int | None
+        self,
+        seqs: Sequences,
+        growth: Growth,
+        cache: PagedKVCache,
+        num_queries: int | None,
+        valid: np.ndarray | None = None,
     ) -> None:
         self._seqs = seqs
         self._growth = growth
         self._cache = cache
         self._state = "open"
         self._written: set[int] = set()
-        rows, slots, queries = _layout(seqs.block_size, seqs.table.ids, growth, num_queries)
+        rows, slots, queries, new_slots = _layout(
+            seqs.block_size, seqs.table.ids, growth, num_queries
+        )
+        cache.mark_valid(new_slots, valid)
         table = seqs.table
         device = cache.pool.device
         self._seq_ids = tuple(
@@ -190,9 +198,9 @@ _SEQ_ID = attrgetter("seq_id")
 
 def _layout(
     block_size: int, table_ids: np.ndarray, growth: Growth, num_queries: int | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """Block-table rows of the forward's rows, the slot of each query, queries per row (None
-    when each row has one)."""
+    when each row has one), and the slots of the new tokens, in order."""
     rows, lens, new = growth.rows, growth.old_lens, growth.num_new
     bs = block_size
     copies = None
@@ -201,11 +209,9 @@ def _layout(
     if copies is None and num_queries in (None, 1) and bool((new == 1).all()):
         # Decode: one new token per row, each its row's one query.
         slots = table_ids[rows, lens // bs].astype(np.int64) * bs + lens % bs
-        return rows, slots, None
+        return rows, slots, None, slots
 
-    total = int(new.sum())
-    seq_of = np.repeat(np.arange(len(rows)), new)
-    offsets = np.arange(total) - np.repeat(np.cumsum(new) - new, new)
+    seq_of, offsets = growth.row_of, growth.index
     pos = lens[seq_of] + offsets
     written = table_ids[rows[seq_of], pos // bs].astype(np.int64) * bs + pos % bs
     queries = new if num_queries is None else np.full(len(rows), num_queries, np.int64)
@@ -224,4 +230,4 @@ def _layout(
     slots = np.full(int(out_queries.sum()), -1, np.int64)
     # A row's new tokens are the last of its queries.
     slots[starts[first_out[seq_of]] + (queries - new)[seq_of] + offsets] = written
-    return out_rows, slots, None if bool((out_queries == 1).all()) else out_queries
+    return out_rows, slots, None if bool((out_queries == 1).all()) else out_queries, written

@@ -32,6 +32,10 @@ class KVCacheTransfer:
         self.cpu_pool = torch.zeros(
             (num_cpu_blocks, *cache.pool.shape[1:]), dtype=cache.pool.dtype, pin_memory=pin
         )
+        # The slots' validity travels with the blocks (a byte per token).
+        self.cpu_valid = torch.ones(
+            (num_cpu_blocks, cache.config.block_size), dtype=torch.bool, pin_memory=pin
+        )
         self._stream = torch.cuda.Stream(cache.pool.device) if cache.pool.is_cuda else None
 
     def _index(self, ids: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -42,6 +46,7 @@ class KVCacheTransfer:
         blocks are reused right away."""
         self._check(device_blocks, cpu_blocks)
         self._copy(self.cache.pool, device_blocks, self.cpu_pool, cpu_blocks)
+        self._copy(self.cache.slot_valid, device_blocks, self.cpu_valid, cpu_blocks)
         if self._stream is not None:
             self._stream.synchronize()
 
@@ -50,6 +55,7 @@ class KVCacheTransfer:
         the copies before anything it runs later reads the blocks."""
         self._check(device_blocks, cpu_blocks)
         self._copy(self.cpu_pool, cpu_blocks, self.cache.pool, device_blocks)
+        self._copy(self.cpu_valid, cpu_blocks, self.cache.slot_valid, device_blocks)
         if self._stream is not None:
             torch.cuda.current_stream(self.cache.pool.device).wait_stream(self._stream)
 

@@ -131,10 +131,10 @@ FAMILIES.update(
 )
 
 
-def build_model(family: str, seed: int = 0) -> torch.nn.Module:
+def build_model(family: str, seed: int = 0, attn_implementation: str = "eager") -> torch.nn.Module:
     builder = FAMILIES[family]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(builder(), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(builder(), attn_implementation=attn_implementation)
     return model.eval()
 
 

@@ -308,14 +308,6 @@ def test_stock_cache_rejected(llama, helpers):
         )
 
 
-def test_right_padding_rejected(llama):
-    ids = torch.tensor([[5, 6, 7, 0]])
-    mask = torch.tensor([[1, 1, 1, 0]])
-    enable_paged_attention(llama, block_size=BS)
-    with pytest.raises(ValueError, match="left padding"):
-        _paged(llama, input_ids=ids, attention_mask=mask, max_new_tokens=2)
-
-
 def test_models_outside_the_registry_use_gather(helpers):
     families = list(helpers.gather_families)
     families += [f for f in helpers.families if not helpers.uses_registry(helpers.build_model(f))]

@@ -2,8 +2,10 @@
 
 A session is what a server or a notebook does: many calls on one manager, prompts that share
 prefixes with earlier prompts and answers (so calls start from cached blocks), mixed modes
-(greedy, beams, samples, prompt lookup), padded batches, calls interrupted inside a layer, and
-a pool small enough that cached blocks are evicted and some calls run out of blocks. After
+(greedy, beams, samples, prompt lookup), left- and right-padded batches, calls interrupted inside
+a layer, and
+a pool small enough that cached blocks are evicted and some calls run out of blocks, and
+weights changed between calls. After
 every call: the tokens equal stock transformers' on an identical model, the manager's bookkeeping is consistent, and it holds no
 block for a finished call (only cached ones). A call that runs out of blocks raises
 `OutOfBlocksError` and leaves nothing behind, and the next call still matches stock.
@@ -25,9 +27,13 @@ _MODELS: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
 
 
 def _models(family: str):
-    """(stock, paged): two identical tiny models of a family, built once for the module."""
+    """(stock, paged): two identical tiny models of a family, built once for the module.
+
+    Stock runs sdpa, transformers' default: where a query sees no real token (a right pad
+    beyond a sliding window) sdpa and pagedkv give it a zero attention output, while eager
+    averages over the padding."""
     if family not in _MODELS:
-        _MODELS[family] = build_model(family), build_model(family)
+        _MODELS[family] = build_model(family, attn_implementation="sdpa"), build_model(family)
     return _MODELS[family]
 
 
@@ -47,13 +53,16 @@ MODES = {
 }
 
 
-def _generate(model, rows: list[list[int]], mode: str, new: int, seed: int) -> torch.Tensor:
+def _generate(
+    model, rows: list[list[int]], mode: str, new: int, seed: int, right: bool = False
+) -> torch.Tensor:
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), PAD, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
+        cols = slice(0, len(r)) if right else slice(width - len(r), width)
+        ids[i, cols] = torch.tensor(r)
+        mask[i, cols] = 1
     torch.manual_seed(seed)
     with torch.no_grad():
         return model.generate(
@@ -106,14 +115,18 @@ class SessionMachine(RuleBasedStateMachine):
         mode=st.sampled_from(sorted(MODES)),
         new=st.integers(1, 6),
         seed=st.integers(0, 3),
+        right=st.sampled_from([False, False, True]),
     )
-    def generate(self, data, rows, mode, new, seed):
-        self._compare(self._prompts(data, 1 if mode == "prompt-lookup" else rows), mode, new, seed)
+    def generate(self, data, rows, mode, new, seed, right):
+        prompts = self._prompts(data, 1 if mode == "prompt-lookup" else rows)
+        self._compare(prompts, mode, new, seed, right)
 
-    def _compare(self, prompts: list[list[int]], mode: str, new: int, seed: int) -> None:
-        expected = _generate(self.stock, prompts, mode, new, seed)
+    def _compare(
+        self, prompts: list[list[int]], mode: str, new: int, seed: int, right: bool = False
+    ) -> None:
+        expected = _generate(self.stock, prompts, mode, new, seed, right)
         try:
-            got = _generate(self.model, prompts, mode, new, seed)
+            got = _generate(self.model, prompts, mode, new, seed, right)
         except OutOfBlocksError:
             assert self.manager.num_used_blocks == 0
             return
@@ -121,9 +134,7 @@ class SessionMachine(RuleBasedStateMachine):
             f"{mode} on {prompts}: tokens differ\nstock {expected.tolist()}\npaged {got.tolist()}"
         )
         for row in got.tolist():
-            while row and row[0] == PAD:
-                row.pop(0)
-            self.answers.append(row)
+            self.answers.append([t for t in row if t != PAD])
 
     @rule(
         data=st.data(),
@@ -160,6 +171,16 @@ class SessionMachine(RuleBasedStateMachine):
     @rule()
     def reset_prefix_cache(self):
         self.manager.reset_prefix_cache()
+
+    @rule(seed=st.integers(0, 3))
+    def change_weights(self, seed):
+        """A fine-tuning step between calls, on both models alike: blocks cached with the old
+        weights must not serve later calls."""
+        for model in (self.stock, self.model):
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.02)
 
     def _prompts(self, data, rows: int) -> list[list[int]]:
         sources = STEMS + self.answers[-4:]

@@ -567,3 +567,44 @@ def test_a_layer_index_must_be_an_integer_in_range(layer):
     ):
         mgr.cache.write(layer, k, k, slots)
     assert "pool=32.0 KiB" in repr(mgr)  # 32 blocks of 1 KiB: the size chosen
+
+
+def test_invalid_tokens_are_stored_but_never_attended_nor_cached():
+    """A pad stored inside a padded batch (valid=False) keeps its slot, is hidden from every
+    query, and its sequence's blocks stop joining the prefix cache."""
+    mgr = make_manager(num_layers=1, num_kv_heads=1, head_dim=8, block_size=4)
+    mgr.allocate("a", [1, 2, 3, 4, 5, 6])
+    with mgr.step(["a"], 6, token_ids=[[1, 2, 3, 4, 5, 6]], valid=[[1, 0, 1, 1, 0, 1]]) as step:
+        k = torch.randn(6, 1, 8)
+        v = torch.randn(6, 1, 8)
+        step.write(0, k, v)
+        q = torch.randn(6, 1, 8)
+        out = step.attend(0, q, scale=1.0)
+    seen = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    for i in range(6):  # query i sees the valid keys up to its own position
+        keys = seen.clone()
+        keys[i + 1 :] = False
+        weights = torch.softmax(q[i, 0] @ k[keys, 0].T, dim=-1)
+        torch.testing.assert_close(out[i, 0], weights @ v[keys, 0], atol=1e-5, rtol=0)
+    assert mgr.stats.num_cached_blocks == 0 and mgr.token_ids("a") == []
+    assert mgr.cache.slot_valid.view(-1)[step.slot_mapping].tolist() == seen.tolist()
+    # Copy-on-write and swap carry the validity with the blocks.
+    mgr.fork("a", "b")
+    mgr.step(["a", "b"], 1, valid=[[True], [True]]).commit()
+    table = mgr.block_tables(["b"])[0]
+    assert mgr.cache.slot_valid[table[1], :3].tolist() == [False, True, True]  # positions 4-6
+    mgr.check_invariants()
+
+
+def test_a_bad_validity_argument_is_refused():
+    mgr = make_manager()
+    mgr.allocate("a")
+    for valid, match in (
+        ([[1, 0]], "valid has rows of lengths"),
+        ([["x"]], "must hold bools"),
+        ([[2]], "must hold bools"),
+        (torch.tensor([[0.5]]), "dtype"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            mgr.step(["a"], 1, valid=valid)
+    assert mgr.seq_len("a") == 0

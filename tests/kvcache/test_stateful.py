@@ -16,6 +16,7 @@ from pagedkv.kvcache import KVCacheConfig, KVCacheManager, OutOfBlocksError
 
 BASE = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
 token = st.integers(0, 30)
+PAD = 100  # the model holds a pad (a token stored invalid) as its token + PAD
 LAYERS = 2
 
 
@@ -69,19 +70,24 @@ class ManagerMachine(RuleBasedStateMachine):
         return {b.block_hash for b in self.mgr.allocator.blocks if b.block_hash is not None}
 
     def plan(self, data, ids=None):
-        """Draw a step: sequences, new tokens each (0 allowed), ids passed or not, forks,
-        query windows."""
+        """Draw a step: sequences, new tokens each (0 allowed, some stored as invalid pads),
+        ids passed or not, forks, query windows."""
         if ids is None:
             ids = data.draw(
                 st.lists(st.sampled_from(self.resident()), min_size=1, max_size=3, unique=True)
             )
         counts = [data.draw(st.integers(0, 3)) for _ in ids]
         new = [data.draw(st.lists(token, min_size=n, max_size=n)) for n in counts]
+        valid = None
+        if data.draw(st.integers(0, 3)) == 0:
+            valid = [data.draw(st.lists(st.booleans(), min_size=n, max_size=n)) for n in counts]
+            new = [[t if v else t + PAD for t, v in zip(r, f)] for r, f in zip(new, valid)]
         forks = data.draw(st.lists(st.integers(0, 2), min_size=len(ids), max_size=len(ids)))
         forks = [[self.new_id() for _ in range(f)] for f in forks] if any(forks) else None
         window = data.draw(st.sampled_from([None, max(counts) + data.draw(st.integers(0, 1))]))
         kwargs = {
             "token_ids": new if data.draw(st.booleans()) else None,
+            "valid": valid,
             "forks": forks,
             "num_queries": window or None,
         }
@@ -298,6 +304,15 @@ class ManagerMachine(RuleBasedStateMachine):
             if not toks:
                 continue
             tables, lens = self.mgr.block_tables([seq]), self.mgr.seq_lens([seq])
+            pos = torch.arange(len(toks))
+            valid = self.mgr.cache.slot_valid[
+                tables[0, pos // self.cfg.block_size].long(), pos % self.cfg.block_size
+            ]
+            expected = [t < PAD for t in toks]
+            if self.mgr.cache.has_holes:
+                assert valid.tolist() == expected, f"seq {seq}: slot validity differs"
+            else:
+                assert all(expected)
             for layer in range(LAYERS):
                 k, v = self.mgr.cache.gather(layer, tables, lens)
                 ek, ev = kv_of(toks, 0, layer)
