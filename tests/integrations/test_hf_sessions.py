@@ -86,6 +86,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.stock, self.model = _models(self.family)
         self.manager = None
         self.answers: list[list[int]] = []  # earlier prompts + answers, for chat-style turns
+        self.weights: list[torch.Tensor] | None = None  # the models' weights, if changed
 
     pool = dict(
         block_size=st.sampled_from([2, 4, 8]),
@@ -176,6 +177,8 @@ class SessionMachine(RuleBasedStateMachine):
     def change_weights(self, seed):
         """A fine-tuning step between calls, on both models alike: blocks cached with the old
         weights must not serve later calls."""
+        if self.weights is None:  # the models outlive this session: restored at teardown
+            self.weights = [p.detach().clone() for p in self.model.parameters()]
         for model in (self.stock, self.model):
             gen = torch.Generator().manual_seed(seed)
             with torch.no_grad():
@@ -201,6 +204,11 @@ class SessionMachine(RuleBasedStateMachine):
     def teardown(self):
         if self.manager is not None:
             disable_paged_attention(self.model)
+        if self.weights is not None:
+            with torch.no_grad():
+                for model in (self.stock, self.model):
+                    for p, saved in zip(model.parameters(), self.weights, strict=True):
+                        p.copy_(saved)
 
 
 def _session_test(family: str, share: int):
