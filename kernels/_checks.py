@@ -8,6 +8,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+SINK_DTYPES = (*FLOAT_DTYPES, torch.float64)  # attention sinks: any float, used in fp32
 
 
 def check_tensor(
@@ -120,11 +121,36 @@ def check_ids_in_range(
         raise ValueError(f"{name}{where} = {int(ids[index])} is out of range {expected}")
 
 
+def first_block_read(
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor | None,
+    *,
+    sliding_window: int | None,
+    block_size: int,
+) -> torch.Tensor | None:
+    """``[B]`` int64: the first block-table entry each sequence reads in a paged_attention call,
+    None without a sliding window (0 for all). With window W a sequence's first query sits at
+    p = seq_len - q_len (q_len 1 for decode: query_start_loc None) and no query of the call sees
+    a key before p - W + 1: the entries of blocks wholly before it are never read (a sliding
+    group releases those blocks and sets their entries to -1)."""
+    if sliding_window is None:
+        return None
+    seq_lens = seq_lens.long()
+    q_lens = 1 if query_start_loc is None else query_start_loc[1:].long() - query_start_loc[:-1]
+    return (seq_lens - q_lens - sliding_window + 1).clamp(min=0) // block_size
+
+
 def check_seq_lens_and_tables(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, *, num_blocks: int, block_size: int
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_blocks: int,
+    block_size: int,
+    first_read: torch.Tensor | None = None,
 ) -> None:
-    """Each seq_len in [0, width * block_size], and each block id a sequence reads (the first
-    cdiv(seq_len, block_size) entries of its row; the rest are never read) in [0, num_blocks)."""
+    """Each seq_len in [0, width * block_size], and each block id a sequence reads in [0,
+    num_blocks): the entries from `first_read` (``[B]``, see `first_block_read`; None: from 0)
+    up to cdiv(seq_len, block_size). The rest are never read and may hold anything (-1)."""
     width = block_tables.shape[1]
     max_keys = width * block_size
     check_ids_in_range(
@@ -138,13 +164,17 @@ def check_seq_lens_and_tables(
     if _in_range(block_tables, 0, num_blocks):
         return
     blocks_read = (seq_lens.long() + block_size - 1) // block_size
+    cols = torch.arange(width, device=seq_lens.device)
+    read = cols < blocks_read[:, None]
+    if first_read is not None:
+        read &= cols >= first_read[:, None]
     check_ids_in_range(
         block_tables,
         "block_tables",
         low=0,
         high=num_blocks,
         expected=f"for a pool of {num_blocks} blocks",
-        read=torch.arange(width, device=seq_lens.device) < blocks_read[:, None],
+        read=read,
     )
 
 

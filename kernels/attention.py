@@ -6,6 +6,11 @@ whole group and the group forms the M dimension of ``tl.dot``. Keys are walked i
 BLOCK_N through the block table (a tile may span several pages or part of one). With
 NUM_SPLITS > 1 the key range is split across programs (flash-decoding) and a second kernel merges
 the partial results by log-sum-exp.
+
+With a sliding window the tiles wholly before a q-tile's window are skipped and the block-table
+entries before it are not read (a sliding KV group sets those of its released blocks to -1).
+Attention sinks (gpt-oss) add one logit per query head to each row's softmax: in the epilogue,
+or with split-K once, in the merge.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from . import _checks, _dispatch, reference
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    SINK_DTYPES,
     check_caches,
     check_index_vector,
     check_tensor,
@@ -49,11 +55,12 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_tile(
-    tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, num_blocks, bt_row_ptr, stride_bt_n,
+    tile, q, m_i, l_i, acc, row_lo, row_hi, kv_lo, kv_hi, num_blocks, bt_row_ptr, stride_bt_n,
     k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b, stride_vc_o,
     slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
     USE_SLOT_VALID: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
@@ -62,15 +69,20 @@ def _attend_tile(
     q: [BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: [BLOCK_M] (log2 domain); acc: [BLOCK_M, HEAD_DIM_PAD].
     The loop invariants come from the caller: row r sees keys [row_lo[r], row_hi[r]); k_base,
     v_base point at this KV head, k_dim, v_dim: [HEAD_DIM_PAD] offsets of its dims; scores are
-    s * qk_scale, then cap * tanh(.) with USE_SOFTCAP. Keys at or past kv_hi and keys in a block
-    outside [0, num_blocks) are never read (they load as zeros); with USE_SLOT_VALID a key whose
-    slot is invalid is not attended and its value is not read. (Excluding out-of-pool keys from
+    s * qk_scale, then cap * tanh(.) with USE_SOFTCAP. Keys at or past kv_hi, keys before kv_lo
+    with USE_WINDOW (not even their block-table entries are read: the entries of blocks a
+    sliding KV group released may hold -1) and keys in a block outside [0, num_blocks) are never
+    read (they load as zeros); with USE_SLOT_VALID a key whose slot is invalid is not attended
+    and its value is not read. (Excluding out-of-pool keys from
     the softmax too would cost the default path a per-key mask on the scores: 8 to 18 more
     registers per thread on sm_90; a load mask costs none.)"""
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    # keys at or past kv_hi get block -1: never read, never past the row of the block table
-    block = tl.load(bt_row_ptr + (offs_n // BLOCK_SIZE) * stride_bt_n, mask=offs_n < kv_hi,
-                    other=-1)
+    # keys at or past kv_hi (or before kv_lo) get block -1: never read, never past the row of
+    # the block table, never an entry of a block before the window
+    read_entry = offs_n < kv_hi
+    if USE_WINDOW:
+        read_entry = read_entry & (offs_n >= kv_lo)
+    block = tl.load(bt_row_ptr + (offs_n // BLOCK_SIZE) * stride_bt_n, mask=read_entry, other=-1)
     block = block.to(tl.int64)
     offset = offs_n % BLOCK_SIZE
     in_pool = (block >= 0) & (block < num_blocks)  # ids outside the pool read as zeros
@@ -123,6 +135,7 @@ def _paged_attention_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,
     slot_valid_ptr,  # [num_blocks, BLOCK_SIZE] uint8, 0 = never attended (USE_SLOT_VALID only)
+    sinks_ptr,  # [num_q_heads] any float dtype, a logit per query head (USE_SINKS only)
     out_ptr,
     partial_out_ptr,  # [NUM_SPLITS, num_tokens, num_q_heads, HEAD_DIM_PAD] fp32 (NUM_SPLITS > 1)
     partial_lse_ptr,  # [NUM_SPLITS, num_tokens, num_q_heads] fp32, log2 domain
@@ -140,6 +153,7 @@ def _paged_attention_kernel(
     stride_vc_b, stride_vc_o, stride_vc_h, stride_vc_d,
     stride_bt_b, stride_bt_n,
     stride_sv_b, stride_sv_o,
+    stride_sk_h,
     stride_o_t, stride_o_h, stride_o_d,
     stride_po_s, stride_po_t, stride_po_h,
     stride_pl_s, stride_pl_t,
@@ -158,6 +172,7 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SLOT_VALID: tl.constexpr,
+    USE_SINKS: tl.constexpr,
     FP32_DOT: tl.constexpr,
     WHILE_LOOP: tl.constexpr,
 ):
@@ -166,10 +181,13 @@ def _paged_attention_kernel(
     # block_tables:           [num_seqs, max_blocks]; seq_lens: [num_seqs]
     # query_start_loc:        [num_seqs + 1] (unused when IS_DECODE: one query per sequence)
     # slot_valid:             [num_blocks, block_size] (any strides)
+    # sinks:                  [num_q_heads] (any stride); applied here when NUM_SPLITS == 1,
+    #                         else once in _merge_splits_kernel
     # grid:                   (q-blocks, num_kv_heads, NUM_SPLITS)
     # Whatever the index values, nothing outside the tensors is read or written: keys stop at
     # max_keys, block ids outside [0, num_blocks) are not read (their keys load as zeros), query
-    # rows outside [0, num_tokens) are neither read nor written.
+    # rows outside [0, num_tokens) are neither read nor written. With USE_WINDOW the block-table
+    # entries of keys before a q-tile's window (kv_lo) are not read: they may hold anything.
     q_block_id = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -256,23 +274,30 @@ def _paged_attention_kernel(
         tile = tile_start
         while tile < tile_end:
             m_i, l_i, acc = _attend_tile(
-                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, num_blocks, bt_row_ptr,
+                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_lo, kv_hi, num_blocks, bt_row_ptr,
                 stride_bt_n, k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o,
                 stride_vc_b, stride_vc_o, slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
-                BLOCK_SIZE, BLOCK_N, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT,
+                BLOCK_SIZE, BLOCK_N, USE_WINDOW, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT,
             )
             tile += 1
     else:
         for tile in range(tile_start, tile_end):
             m_i, l_i, acc = _attend_tile(
-                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_hi, num_blocks, bt_row_ptr,
+                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_lo, kv_hi, num_blocks, bt_row_ptr,
                 stride_bt_n, k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o,
                 stride_vc_b, stride_vc_o, slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
-                BLOCK_SIZE, BLOCK_N, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT,
+                BLOCK_SIZE, BLOCK_N, USE_WINDOW, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT,
             )
 
     # A row that saw no key (l_i == 0) outputs exactly 0.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    if USE_SINKS and NUM_SPLITS == 1:
+        # The sink's logit (log2 domain) joins the softmax sum; its probability is dropped.
+        # A row that saw no key adds 1 to its 1: 0 / 2 (a sink of -inf there is no NaN).
+        sink = tl.load(sinks_ptr + q_head * stride_sk_h, mask=row_valid, other=0.0)
+        sink = sink.to(tl.float32) * 1.4426950408889634
+        saw_any = l_i > 0.0
+        l_safe += tl.exp2(tl.where(saw_any, sink - tl.where(saw_any, m_i, 0.0), 0.0))
     o = acc / l_safe[:, None]
     out_mask = row_valid[:, None] & d_valid[None, :]
     if NUM_SPLITS == 1:
@@ -298,17 +323,21 @@ def _merge_splits_kernel(
     # pointers
     partial_out_ptr,
     partial_lse_ptr,
+    sinks_ptr,  # USE_SINKS only
     out_ptr,
     # strides
     stride_po_s, stride_po_t, stride_po_h,
     stride_pl_s, stride_pl_t,
+    stride_sk_h,
     stride_o_t, stride_o_h, stride_o_d,
     # meta-parameters
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    USE_SINKS: tl.constexpr,
 ):
     # partial_out: [NUM_SPLITS, num_tokens, num_q_heads, >= HEAD_DIM] fp32, each split normalised
     # partial_lse: [NUM_SPLITS, num_tokens, num_q_heads] fp32 log2-sum-exp, -inf = saw no key
+    # sinks:       [num_q_heads] any float dtype (any stride): one more logit in each softmax
     # out:         [num_tokens, num_q_heads, head_dim]
     # grid:        (num_tokens, num_q_heads)
     HEAD_DIM_PAD: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
@@ -326,9 +355,14 @@ def _merge_splits_kernel(
         other=float("-inf"),
     )
     lse_max = tl.max(lse, 0)
+    if USE_SINKS:  # the sink counts once, here: its weight joins the total, not the output
+        sink = tl.load(sinks_ptr + head * stride_sk_h).to(tl.float32) * 1.4426950408889634
+        lse_max = tl.maximum(lse_max, sink)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     weight = tl.exp2(lse - lse_max)  # 0 for splits that saw no key
     total = tl.sum(weight, 0)
+    if USE_SINKS:
+        total += tl.exp2(sink - lse_max)
     o = tl.load(
         partial_out_ptr + offs_s[:, None] * stride_po_s + token * stride_po_t + head * stride_po_h
         + offs_d[None, :],
@@ -461,6 +495,7 @@ def paged_attention(
     causal: bool = True,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     slot_valid: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     backend: str | None = None,
@@ -471,8 +506,8 @@ def paged_attention(
     query ``[T, Hq, D]`` packed over B sequences; key_cache/value_cache
     ``[num_blocks, block_size, Hkv, D]`` (any strides; Hq % Hkv == 0, query head h reads kv head
     h // (Hq // Hkv)); block_tables ``[B, max_blocks]`` int32; seq_lens ``[B]`` int32 = keys in the
-    cache per sequence, the queries' own K/V included (at most max_blocks * block_size; only
-    the first cdiv(seq_len, block_size) entries of a table row are read); query_start_loc ``[B + 1]`` int32
+    cache per sequence, the queries' own K/V included (at most max_blocks * block_size; see
+    below for the entries of a table row that are read); query_start_loc ``[B + 1]`` int32
     cumulative query counts, None for decode (T == B, one query per sequence).
 
     Sequence i's queries are its last q_len_i tokens: query j sits at position
@@ -483,15 +518,27 @@ def paged_attention(
     padding, or every key it may see invalid) outputs exactly 0. Returns ``[T, Hq, D]`` in the
     query dtype (written into ``out`` if given).
 
+    The entries of a table row that are read: the first cdiv(seq_len_i, block_size); with a
+    sliding window only those from block (seq_len_i - q_len_i - sliding_window + 1) //
+    block_size on (the blocks before lie wholly before every query's window: a sliding KV
+    group releases them and may set their entries to -1). Other entries may hold anything.
+
+    sinks: ``[Hq]`` any float dtype (used in fp32) on the query's device, or None (no cost, the
+    kernel compiles without it). gpt-oss attention sinks: each query row of head h takes one
+    more logit sinks[h] into its softmax (not scaled, not softcapped) and drops its probability:
+    out = sum_k p_k v_k with p_k = exp(s_k) / (sum_j exp(s_j) + exp(sinks[h])) over the row's
+    visible scores s. A row that sees no key still outputs exactly 0. Split-K counts the sink
+    once, when the splits are merged.
+
     slot_valid: ``[num_blocks, block_size]`` bool or uint8 on the caches' device, any strides;
     slot (block b, offset o) is attended only where it is True / nonzero (holes, right padding).
     None: every slot is valid, at no cost (the kernel compiles without it).
 
     Rejected with a ValueError on CPU tensors and on the torch backend: a seq_len outside
     [0, max_blocks * block_size]; a block id outside [0, num_blocks) among the entries a sequence
-    reads (its first cdiv(seq_len, block_size); the rest are never read); a query_start_loc that
-    does not rise from 0 to T. On CUDA (no host sync) the kernel masks instead: a sequence sees
-    at most its row's max_blocks * block_size keys (positions still count from its seq_len),
+    reads (see above; the rest are never read); a query_start_loc that does not rise from 0 to
+    T. On CUDA (no host sync) the kernel masks instead: a sequence sees at most its row's
+    max_blocks * block_size keys (positions still count from its seq_len),
     keys in a block outside the pool are not read but load as zeros (they still take softmax
     weight, with zero values: finite, wrong numbers, like gather_kv's zero rows), and query rows
     outside [0, T) are neither read nor written (rows no sequence covers are left unset).
@@ -527,6 +574,8 @@ def paged_attention(
         check_index_vector(query_start_loc, "query_start_loc", length=num_seqs + 1, device=device)
     if out is not None:
         check_tensor(out, "out", shape=tuple(query.shape), dtypes=(query.dtype,), device=device)
+    if sinks is not None:
+        check_tensor(sinks, "sinks", shape=(num_q_heads,), dtypes=SINK_DTYPES, device=device)
     if slot_valid is not None:
         check_tensor(
             slot_valid,
@@ -545,11 +594,18 @@ def paged_attention(
     backend = _dispatch.resolve_backend(backend, device)
     _dispatch.record("paged_attention", backend)
     if _checks.checks_values(device, backend):
-        _checks.check_seq_lens_and_tables(
-            block_tables, seq_lens, num_blocks=num_blocks, block_size=block_size
-        )
-        if query_start_loc is not None:
+        if query_start_loc is not None:  # first: the window's first entry read depends on it
             _checks.check_query_start_loc(query_start_loc, num_tokens)
+        first_read = _checks.first_block_read(
+            seq_lens, query_start_loc, sliding_window=sliding_window, block_size=block_size
+        )
+        _checks.check_seq_lens_and_tables(
+            block_tables,
+            seq_lens,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            first_read=first_read,
+        )
     if backend == "torch":
         return reference.paged_attention(
             query,
@@ -562,6 +618,7 @@ def paged_attention(
             causal=causal,
             sliding_window=sliding_window,
             softcap=softcap,
+            sinks=sinks,
             slot_valid=slot_valid,
             out=out,
         )
@@ -611,6 +668,10 @@ def paged_attention(
         sv_strides = slot_valid.stride()
     else:
         slot_valid, sv_strides = seq_lens, (0, 0)  # unused placeholder
+    use_sinks = sinks is not None
+    sk_stride = sinks.stride(0) if use_sinks else 0
+    if not use_sinks:
+        sinks = seq_lens  # unused placeholder
 
     args = (
         query,
@@ -620,6 +681,7 @@ def paged_attention(
         seq_lens,
         seq_lens if query_start_loc is None else query_start_loc,
         slot_valid,
+        sinks,
         out,
         partial_out,
         partial_lse,
@@ -635,6 +697,7 @@ def paged_attention(
         *value_cache.stride(),
         *block_tables.stride(),
         *sv_strides,
+        sk_stride,
         *out.stride(),
         *po_strides,
         *pl_strides,
@@ -654,6 +717,7 @@ def paged_attention(
         "USE_WINDOW": sliding_window is not None,
         "USE_SOFTCAP": softcap is not None,
         "USE_SLOT_VALID": use_slot_valid,
+        "USE_SINKS": use_sinks,
         "FP32_DOT": fp32,
         "WHILE_LOOP": _dispatch.triton_interpreted(),
     }
@@ -674,12 +738,15 @@ def paged_attention(
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             partial_out,
             partial_lse,
+            sinks,
             out,
             *partial_out.stride()[:3],
             *partial_lse.stride()[:2],
+            sk_stride,
             *out.stride(),
             HEAD_DIM=head_dim,
             NUM_SPLITS=num_splits,
+            USE_SINKS=use_sinks,
             num_warps=4,
         )
     return out

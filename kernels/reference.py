@@ -4,13 +4,15 @@ Same signatures as the public ops minus ``backend``/``config`` (argument types a
 stated there, once); inputs are assumed valid (the public launchers check them). Everything is
 vectorised over sequences and tokens: paged K/V are gathered with the block tables into padded
 ``[B, L, Hkv, D]`` tensors, and attention runs as one torch SDPA call with a boolean mask
-(manual fp32 scores when a softcap is set, which SDPA lacks).
+(explicit fp32 scores for a softcap or attention sinks, which SDPA lacks).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import _checks
 
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -89,33 +91,49 @@ def _gather_padded(
 
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale,
                     query_start_loc=None, causal=True, sliding_window=None, softcap=None,
-                    slot_valid=None, out=None) -> torch.Tensor:  # fmt: skip
+                    sinks=None, slot_valid=None, out=None) -> torch.Tensor:  # fmt: skip
     """Attention of packed queries ``[T, Hq, D]`` over paged K/V; returns ``[T, Hq, D]``.
 
     Sequence i's queries are its last q_len_i tokens: query j sits at position
     ``seq_len_i - q_len_i + j``. Keys whose slot is False in ``slot_valid`` (if given) are not
-    attended. A query that sees no key outputs zeros.
+    attended. ``sinks`` ``[Hq]``: one more logit per head in each row's softmax, its probability
+    dropped. A query that sees no key outputs zeros. With a sliding window, a sequence's keys
+    are gathered from the first block its first query's window reaches: the table entries
+    before it are never read (they may be -1).
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     device = query.device
-    lengths = seq_lens.tolist()  # one sync; decode steps are latency-bound on CPU
+    block_size = key_cache.shape[1]
+    seq_lens = seq_lens.long()
+    if query_start_loc is not None:
+        q_lens = query_start_loc[1:].long() - query_start_loc[:-1]
+    # Keys of sequence i are gathered from position first_key[i] on (0 without a window).
+    first_col = _checks.first_block_read(
+        seq_lens, query_start_loc, sliding_window=sliding_window, block_size=block_size
+    )
+    first_key = None if first_col is None else first_col * block_size
+    kv_lens = seq_lens if first_key is None else seq_lens - first_key
+    lengths = kv_lens.tolist()  # one sync; decode steps are latency-bound on CPU
     max_len = max(lengths, default=0)
     if num_tokens == 0 or max_len == 0:
         return torch.zeros_like(query) if out is None else out.zero_()
 
     # Keys: [B, Hkv, L, D], zeroed past each sequence's end when lengths differ, and at
-    # invalid slots.
-    block_size = key_cache.shape[1]
-    k_pos = torch.arange(max_len, device=device)
+    # invalid slots. k_pos: [1 or B, L] the position of each gathered key.
+    k_pos = torch.arange(max_len, device=device)[None]
     ragged = min(lengths) < max_len
-    key_valid = k_pos < seq_lens[:, None] if ragged else None  # [B, L]
-    seq_lens = seq_lens.long()
+    key_valid = k_pos < kv_lens[:, None] if ragged else None  # [B, L]
     num_cols = -(-max_len // block_size)
-    block_ids = block_tables[:, :num_cols].long()
+    if first_col is None:
+        block_ids = block_tables[:, :num_cols].long()
+    else:
+        cols = first_col[:, None] + torch.arange(num_cols, device=device)
+        block_ids = block_tables.gather(1, cols.clamp(max=block_tables.shape[1] - 1)).long()
+        k_pos = first_key[:, None] + k_pos
     if ragged:  # entries past a shorter row's blocks are never read: any value may sit there
         cols = torch.arange(num_cols, device=device)
-        block_ids = block_ids.where(cols < (seq_lens[:, None] + block_size - 1) // block_size, 0)
+        block_ids = block_ids.where(cols < (kv_lens[:, None] + block_size - 1) // block_size, 0)
     if slot_valid is not None:
         slots_ok = slot_valid.index_select(0, block_ids.reshape(-1)).view(num_seqs, -1)
         slots_ok = slots_ok[:, :max_len].bool()
@@ -130,10 +148,8 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, sc
     if query_start_loc is None:  # decode: query i sits at seq_len_i - 1, causality is implied
         q = query[:, :, None]
         row_valid = None
-        q_pos = (seq_lens - 1)[:, None] if sliding_window is not None else None  # [B, 1]
+        q_pos = (seq_lens - 1)[:, None]  # [B, 1]
     else:
-        starts = query_start_loc.long()
-        q_lens = starts[1:] - starts[:-1]
         q_len_list = q_lens.tolist()
         max_q = max(q_len_list)
         rows = torch.arange(max_q, device=device)
@@ -146,17 +162,23 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, sc
         q = padded_q.transpose(1, 2)
         q_pos = (seq_lens - q_lens)[:, None] + rows  # [B, M]
         plain_prefill = key_valid is None and all(n == max_len for n in q_len_list)
-        if causal and plain_prefill and sliding_window is None and softcap is None:
+        if (
+            causal
+            and plain_prefill
+            and sliding_window is None
+            and softcap is None
+            and sinks is None
+        ):
             is_causal = True
         elif causal:
-            visible = k_pos <= q_pos[:, :, None]
+            visible = k_pos[:, None, :] <= q_pos[:, :, None]
             mask = visible if mask is None else mask & visible
     if sliding_window is not None:
-        in_window = q_pos[:, :, None] - k_pos < sliding_window
+        in_window = q_pos[:, :, None] - k_pos[:, None, :] < sliding_window
         mask = in_window if mask is None else mask & in_window
 
-    if softcap is not None:
-        o = _softcap_attention(q, keys, values, mask, scale=scale, softcap=softcap)
+    if softcap is not None or sinks is not None:
+        o = _eager_attention(q, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)
     else:
         attn_mask = None if mask is None else mask[:, None]
         num_kv_heads = keys.shape[1]
@@ -184,34 +206,47 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, sc
     return out.copy_(o)
 
 
-def _softcap_attention(
+def _eager_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
     *,
     scale: float,
-    softcap: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     max_scores: int = 1 << 24,
 ) -> torch.Tensor:
-    """fp32 attention with Gemma-2 logit softcapping. q ``[B, Hq, M, D]``, k/v ``[B, Hkv, L, D]``,
-    mask None or broadcastable to ``[B, M, L]``; returns ``[B, Hq, M, D]`` (rows with no
-    visible key are NaN). Query rows go in chunks of at most `max_scores` fp32 scores (64 MB),
-    so a long prompt does not materialise all B x Hq x M x L scores at once."""
+    """Attention with explicit scores, for what SDPA lacks: Gemma-2 logit softcapping and
+    gpt-oss attention sinks (a logit ``sinks[h]`` per query head joins each row's softmax, its
+    probability dropped). In fp32 (float64 for float64 inputs). q ``[B, Hq, M, D]``, k/v
+    ``[B, Hkv, L, D]``, mask None or broadcastable to ``[B, M, L]``; returns ``[B, Hq, M, D]``
+    (rows with no visible key are NaN, or 0 with sinks). Query rows go in chunks of at most
+    `max_scores` scores (64 MB in fp32), so a long prompt does not materialise all
+    B x Hq x M x L scores at once."""
     batch, num_q_heads, rows, head_dim = q.shape
     num_kv_heads, keys = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
-    qg = q.float().reshape(batch, num_kv_heads, group, rows, head_dim)
-    kt = k.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, 1, D, L]
-    vf = v.float()[:, :, None]  # [B, Hkv, 1, L, D]
-    out = torch.empty(batch, num_kv_heads, group, rows, head_dim, device=q.device)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(dtype).reshape(batch, num_kv_heads, group, rows, head_dim)
+    kt = k.to(dtype)[:, :, None].transpose(-1, -2)  # [B, Hkv, 1, D, L]
+    vf = v.to(dtype)[:, :, None]  # [B, Hkv, 1, L, D]
+    if sinks is not None:  # [1, Hkv, G, 1, 1]: query head h = kv head * G + its index in G
+        sinks = sinks.to(dtype).reshape(1, num_kv_heads, group, 1, 1)
+    out = torch.empty(batch, num_kv_heads, group, rows, head_dim, dtype=dtype, device=q.device)
     chunk = max(1, max_scores // max(1, batch * num_q_heads * keys))
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
         scores = qg[:, :, :, start:stop] @ kt * scale  # [B, Hkv, G, chunk, L]
-        scores = softcap * torch.tanh(scores / softcap)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         if mask is not None:
             rows_mask = mask[:, start:stop] if mask.shape[1] > 1 else mask
             scores = scores.masked_fill(~rows_mask[:, None, None], float("-inf"))
-        out[:, :, :, start:stop] = torch.softmax(scores, dim=-1) @ vf
+        if sinks is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:  # softmax over the keys and the sink, the sink's column dropped
+            sink_col = sinks.expand(*scores.shape[:-1], 1)
+            probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
+        out[:, :, :, start:stop] = probs @ vf
     return out.reshape(batch, num_q_heads, rows, head_dim).to(q.dtype)

@@ -1,5 +1,5 @@
 """Paged test problems: what the kernel tests, examples/benchmark_kernels.py and
-examples/autotune.py run the ops on.
+examples/autotune.py run the ops on, and the float64 attention oracle the tests hold them to.
 
 A problem lives in a block-major pool ``[num_blocks, num_layers, 2, block_size, Hkv, D]``, the
 layout of kvcache, in layer 0 (its key/value caches are strided views, as in production). Block
@@ -10,11 +10,14 @@ sequence wrote are NaN when poisoned: an op that reads a slot it should not retu
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
 from . import reference
+from .attention import paged_attention
 
 
 @dataclasses.dataclass
@@ -27,6 +30,14 @@ class PagedProblem:
     seq_lens: torch.Tensor  # [B] int32
     query_start_loc: torch.Tensor | None  # [B + 1] int32; None for decode
     slot_mapping: torch.Tensor  # [sum(seq_lens)] int64, slots of `key` rows
+
+    @property
+    def q_lens(self) -> list[int]:
+        """Queries per sequence (1 each for decode)."""
+        if self.query_start_loc is None:
+            return [1] * self.seq_lens.shape[0]
+        starts = self.query_start_loc.tolist()
+        return [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
     @property
     def key_cache(self) -> torch.Tensor:
@@ -61,6 +72,38 @@ class PagedProblem:
                 self.key_cache[blocks, offsets] = float("nan")
                 self.value_cache[blocks, offsets] = float("nan")
         return valid
+
+    def attend(self, backend: str, **kwargs: Any) -> torch.Tensor:
+        """`paged_attention` of this problem on `backend` ("triton", "torch"), or with "float64"
+        the torch reference on float64 copies of the query and caches (`config` dropped).
+        scale defaults to head_dim ** -0.5."""
+        kwargs.setdefault("scale", self.query.shape[-1] ** -0.5)
+        inputs = (self.query, self.key_cache, self.value_cache)
+        if backend == "float64":
+            kwargs.pop("config", None)
+            op = reference.paged_attention
+            inputs = tuple(t.double() for t in inputs)
+        else:
+            op = functools.partial(paged_attention, backend=backend)
+        return op(*inputs, self.block_tables, self.seq_lens,
+                  query_start_loc=self.query_start_loc, **kwargs)  # fmt: skip
+
+    def release_out_of_window(self, sliding_window: int, *, fill: int = -1) -> int:
+        """Release what a sliding KV group of window `sliding_window` would: each block of a
+        sequence that lies wholly before the window of its first query (position
+        seq_len - q_len) becomes NaN in both caches, and its block-table entry `fill` (-1:
+        absent). Returns how many entries were released."""
+        block_size = self.key_cache.shape[1]
+        released = 0
+        for seq, (seq_len, q_len) in enumerate(zip(self.seq_lens.tolist(), self.q_lens)):
+            lowest_key = max(seq_len - q_len - sliding_window + 1, 0)  # seen by some query
+            for col in range(min(lowest_key // block_size, -(-seq_len // block_size))):
+                block = int(self.block_tables[seq, col])
+                self.key_cache[block] = float("nan")
+                self.value_cache[block] = float("nan")
+                self.block_tables[seq, col] = fill
+                released += 1
+        return released
 
 
 def make_paged_problem(
@@ -117,3 +160,58 @@ def make_paged_problem(
     )  # fmt: skip
     reference.write_kv(key, value, problem.key_cache, problem.value_cache, problem.slot_mapping)
     return problem
+
+
+def oracle_attention(
+    problem: PagedProblem,
+    *,
+    scale: float,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    slot_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Naive float64 paged attention, one sequence, query and head at a time, reading K/V from
+    the packed `problem.key`/`problem.value` (never the cache or the block tables).
+    `slot_valid` is mapped to the packed keys through `problem.slot_mapping`. `sinks` as in
+    transformers' gpt-oss eager attention: the sink's logit is a last column of the scores,
+    the softmax runs over the row, and that column is dropped. A query that sees no key
+    outputs 0 (with sinks, what the formula gives)."""
+    key_ok = None if slot_valid is None else slot_valid.flatten()[problem.slot_mapping].tolist()
+    seq_lens, q_lens = problem.seq_lens.tolist(), problem.q_lens
+    q_starts = [sum(q_lens[:i]) for i in range(len(q_lens))]
+    num_q_heads, num_kv_heads = problem.query.shape[1], problem.key.shape[1]
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros(problem.query.shape, dtype=torch.float64)
+    k_start = 0
+    for seq_len, q_start, q_len in zip(seq_lens, q_starts, q_lens, strict=True):
+        keys = problem.key[k_start : k_start + seq_len].double().cpu()
+        values = problem.value[k_start : k_start + seq_len].double().cpu()
+        for j in range(q_len):
+            pos = seq_len - q_len + j
+            visible = torch.tensor(
+                [
+                    (not causal or k <= pos)
+                    and (sliding_window is None or pos - k < sliding_window)
+                    and (key_ok is None or key_ok[k_start + k])
+                    for k in range(seq_len)
+                ],
+                dtype=torch.bool,
+            )
+            if sinks is None and not visible.any():
+                continue  # stays 0
+            for h in range(num_q_heads):
+                q = problem.query[q_start + j, h].double().cpu()
+                scores = keys[:, h // group] @ q * scale
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                scores = scores.masked_fill(~visible, float("-inf"))
+                if sinks is None:
+                    probs = torch.softmax(scores, 0)
+                else:
+                    sink = sinks[h].double().cpu().reshape(1)
+                    probs = torch.softmax(torch.cat([scores, sink]), 0)[:-1]
+                out[q_start + j, h] = probs @ values[:, h // group]
+        k_start += seq_len
+    return out

@@ -69,7 +69,7 @@ SCRIPT = textwrap.dedent(
     def attention_types(dtype):
         types = {n: dtype for n in ("query_ptr", "key_cache_ptr", "value_cache_ptr", "out_ptr")}
         types.update({"block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-                      "query_start_loc_ptr": "*i32", "slot_valid_ptr": "*u8",
+                      "query_start_loc_ptr": "*i32", "slot_valid_ptr": "*u8", "sinks_ptr": "*bf16",
                       "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "scale": "fp32",
                       "softcap": "fp32"})
         return types
@@ -78,7 +78,7 @@ SCRIPT = textwrap.dedent(
     DECODE = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "GROUP": 4, "GROUP_PAD": 4,
               "BLOCK_M": 16, "BLOCK_Q": 4, "BLOCK_N": 64, "NUM_SPLITS": 1, "IS_DECODE": True,
               "CAUSAL": False, "USE_WINDOW": False, "USE_SOFTCAP": False, "USE_SLOT_VALID": False,
-              "FP32_DOT": False, "WHILE_LOOP": False, **UNIT}
+              "USE_SINKS": False, "FP32_DOT": False, "WHILE_LOOP": False, **UNIT}
     PREFILL = {**DECODE, "IS_DECODE": False, "CAUSAL": True, "BLOCK_M": 64, "BLOCK_Q": 16}
     variants = [
         ("*bf16", DECODE, 3),
@@ -96,6 +96,12 @@ SCRIPT = textwrap.dedent(
                    "NUM_SPLITS": 2}, 2),
         ("*fp32", {**DECODE, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32,
                    "FP32_DOT": True, "USE_SLOT_VALID": True}, 2),
+        # attention sinks (sinks=): applied in the kernel, or in the merge with split-K
+        ("*bf16", {**DECODE, "USE_SINKS": True}, 3),
+        ("*bf16", {**DECODE, "USE_SINKS": True, "USE_WINDOW": True, "NUM_SPLITS": 32}, 3),
+        ("*fp16", {**PREFILL, "USE_SINKS": True, "USE_WINDOW": True, "USE_SOFTCAP": True}, 2),
+        ("*fp32", {**DECODE, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32,
+                   "FP32_DOT": True, "USE_SINKS": True, "USE_WINDOW": True}, 2),
     ]
     for dtype, constexprs, stages in variants:
         kernel = compile_kernel(attention._paged_attention_kernel, attention_types(dtype),
@@ -105,7 +111,8 @@ SCRIPT = textwrap.dedent(
             assert "cp.async" in kernel.asm["ptx"], "decode K/V loads are not pipelined"
 
     # Every config autotune may try (after the prune), and the no-autotune default (also with
-    # slot_valid=), for the main shapes: compiles, fits shared memory, does not spill registers.
+    # a sliding window, slot_valid= or sinks=), for the main shapes: compiles, fits shared
+    # memory, does not spill registers.
     D256 = {"HEAD_DIM": 256, "HEAD_DIM_PAD": 256}
     spaces = [
         ("*bf16", DECODE),
@@ -122,20 +129,23 @@ SCRIPT = textwrap.dedent(
             base["IS_DECODE"], base["HEAD_DIM_PAD"], base["GROUP_PAD"], base["FP32_DOT"]
         )
         assert default.block_m == base["BLOCK_M"], (default, base["BLOCK_M"])
-        candidates = [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, False) for c in pruned]
-        for slot_valid in (False, True):
-            candidates.append((default.block_n, default.num_warps, default.num_stages, slot_valid))
-        for block_n, num_warps, num_stages, slot_valid in candidates:
-            constexprs = {**base, "BLOCK_N": block_n, "USE_SLOT_VALID": slot_valid}
+        candidates = [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, {}) for c in pruned]
+        for switches in ({}, {"USE_SLOT_VALID": True}, {"USE_WINDOW": True},
+                         {"USE_SINKS": True}, {"USE_SINKS": True, "USE_WINDOW": True}):
+            candidates.append((default.block_n, default.num_warps, default.num_stages, switches))
+        for block_n, num_warps, num_stages, switches in candidates:
+            constexprs = {**base, "BLOCK_N": block_n, **switches}
             kernel = compile_kernel(attention._paged_attention_kernel, attention_types(dtype),
                                     constexprs, num_warps, num_stages)
             spills = spill_bytes(kernel) if os.path.exists(PTXAS) else 0
             assert spills == 0, (dtype, constexprs, num_warps, num_stages, spills)
             tried += 1
 
-    compile_kernel(attention._merge_splits_kernel,
-                   {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": "*bf16"},
-                   {"HEAD_DIM": 80, "NUM_SPLITS": 5})
+    for sinks in (False, True):
+        compile_kernel(attention._merge_splits_kernel,
+                       {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
+                        "sinks_ptr": "*bf16", "out_ptr": "*bf16"},
+                       {"HEAD_DIM": 80, "NUM_SPLITS": 5, "USE_SINKS": sinks})
     kv = {"key_ptr": "*bf16", "value_ptr": "*bf16", "key_cache_ptr": "*bf16",
           "value_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"}
     for config in write_kv._AUTOTUNE_CONFIGS:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from pagedkv.kernels import _checks, copy_blocks, gather_kv, paged_attention, reference, write_kv
+from pagedkv.kernels.testing import oracle_attention
 
 F32 = torch.float32
 GUARD = 2  # entries of guard on each side of each guarded dim: ids -2 .. num_blocks + 1 land there
@@ -423,3 +424,23 @@ def test_paged_attention_kernel_masks_query_rows(make_paged, as_on_cuda, qsl):
     unclaimed = torch.ones(num_tokens, dtype=torch.bool)
     unclaimed[rows[inside]] = False
     assert out.view[unclaimed].isnan().all(), "a row no sequence claims was written"
+
+
+@pytest.mark.parametrize(
+    "fill",
+    [-1, "num_blocks", 1 << 30, "nan-block"],
+    ids=["minus-one", "num-blocks", "wild", "nan-block"],
+)
+@pytest.mark.parametrize("q_lens", [None, [6, 20]], ids=["decode", "prefill"])
+def test_paged_attention_kernel_skips_released_blocks(make_paged, as_on_cuda, q_lens, fill):
+    """Sliding window: the entries of blocks before every query's window (released by a
+    sliding KV group) are not read, whatever they hold (nan-block: a released, NaN block)."""
+    problem, guards = guarded_problem(make_paged, [43, 36], q_lens)
+    num_blocks, first_block = problem.pool.shape[0], int(problem.block_tables[0, 0])
+    fill = {"num_blocks": num_blocks, "nan-block": first_block}.get(fill, fill)
+    assert problem.release_out_of_window(5, fill=fill) >= 4
+    out = attend(problem, "triton", sliding_window=5, config={"num_splits": 2, "block_n": 16})
+    assert_intact(guards)
+    assert not out.isnan().any(), "a released block was read"
+    expected = oracle_attention(problem, scale=0.125, sliding_window=5)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-5)

@@ -60,3 +60,25 @@ def test_seed_poison_and_dtype(make_paged):
     assert a.pool.dtype == a.query.dtype == a.key.dtype == F16
     assert a.seq_lens.dtype == a.block_tables.dtype == a.query_start_loc.dtype == torch.int32
     assert a.slot_mapping.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "q_lens, released",
+    [
+        # seq_lens [53, 38, 6], bs 4, window 11: lowest key any query sees = seq_len - q_len - 10
+        pytest.param(None, [10, 6, 0], id="decode"),  # keys 42, 27, 0
+        pytest.param([7, 3, 6], [9, 6, 0], id="prefix"),  # keys 36, 25, and -10 -> 0
+    ],
+)
+def test_release_out_of_window(make_paged, q_lens, released):
+    p = make_paged([53, 38, 6], q_lens, 4, 2, 64, 4, F32)
+    assert p.q_lens == (q_lens or [1, 1, 1])
+    before = p.block_tables.clone()
+    assert p.release_out_of_window(11) == sum(released)
+    for seq, n in enumerate(released):
+        assert (p.block_tables[seq, :n] == -1).all()
+        assert torch.equal(p.block_tables[seq, n:], before[seq, n:])
+        gone = before[seq, :n].long()
+        assert p.key_cache[gone].isnan().all() and p.value_cache[gone].isnan().all()
+        kept = before[seq, n : -(-[53, 38, 6][seq] // 4)].long()
+        assert not p.key_cache[kept][p.written[kept]].isnan().any()

@@ -1,4 +1,5 @@
-"""The torch reference (the CPU backend) against a naive float64 per-sequence oracle."""
+"""The torch reference (the CPU backend) against the naive float64 per-sequence oracle
+(`pagedkv.kernels.testing.oracle_attention`)."""
 
 from __future__ import annotations
 
@@ -6,50 +7,7 @@ import pytest
 import torch
 
 from pagedkv.kernels import reference
-
-
-def oracle_attention(
-    problem, *, scale, causal=True, sliding_window=None, softcap=None, slot_valid=None
-):
-    """Naive float64 attention, one sequence and one query head at a time, reading K/V from the
-    packed `problem.key`/`problem.value` (never the cache). `slot_valid` is mapped to the packed
-    keys through `problem.slot_mapping` (the slot each key was written to)."""
-    key_ok = None if slot_valid is None else slot_valid.flatten()[problem.slot_mapping].tolist()
-    seq_lens = problem.seq_lens.tolist()
-    if problem.query_start_loc is None:
-        q_starts, q_lens = list(range(len(seq_lens))), [1] * len(seq_lens)
-    else:
-        qsl = problem.query_start_loc.tolist()
-        q_starts, q_lens = qsl[:-1], [b - a for a, b in zip(qsl[:-1], qsl[1:], strict=True)]
-    num_q_heads, num_kv_heads = problem.query.shape[1], problem.key.shape[1]
-    group = num_q_heads // num_kv_heads
-    out = torch.zeros(problem.query.shape, dtype=torch.float64)
-    k_start = 0
-    for seq_len, q_start, q_len in zip(seq_lens, q_starts, q_lens, strict=True):
-        keys = problem.key[k_start : k_start + seq_len].double()
-        values = problem.value[k_start : k_start + seq_len].double()
-        k_start += seq_len
-        for j in range(q_len):
-            pos = seq_len - q_len + j
-            visible = torch.tensor(
-                [
-                    (not causal or k <= pos)
-                    and (sliding_window is None or pos - k < sliding_window)
-                    and (key_ok is None or key_ok[k_start - seq_len + k])
-                    for k in range(seq_len)
-                ],
-                dtype=torch.bool,
-            )
-            if not visible.any():
-                continue  # stays 0
-            for h in range(num_q_heads):
-                q = problem.query[q_start + j, h].double()
-                scores = keys[:, h // group] @ q * scale
-                if softcap is not None:
-                    scores = softcap * torch.tanh(scores / softcap)
-                scores = scores.masked_fill(~visible, float("-inf"))
-                out[q_start + j, h] = torch.softmax(scores, 0) @ values[:, h // group]
-    return out
+from pagedkv.kernels.testing import oracle_attention
 
 
 def run_reference(problem, **kwargs):
@@ -251,12 +209,12 @@ def test_reference_copy_blocks_every_layer():
 
 def test_softcap_attention_chunks_rows():
     """Long prompts go through the softcap path in row chunks; chunking changes nothing."""
-    from pagedkv.kernels.reference import _softcap_attention
+    from pagedkv.kernels.reference import _eager_attention
 
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(2, 8, 37, 64, generator=gen)
     k, v = torch.randn(2, 2, 50, 64, generator=gen), torch.randn(2, 2, 50, 64, generator=gen)
     for mask in (torch.rand(2, 37, 50, generator=gen) > 0.3, torch.rand(2, 1, 50) > 0.3, None):
-        whole = _softcap_attention(q, k, v, mask, scale=0.1, softcap=5.0)
-        chunked = _softcap_attention(q, k, v, mask, scale=0.1, softcap=5.0, max_scores=4000)
+        whole = _eager_attention(q, k, v, mask, scale=0.1, softcap=5.0)
+        chunked = _eager_attention(q, k, v, mask, scale=0.1, softcap=5.0, max_scores=4000)
         torch.testing.assert_close(chunked, whole, equal_nan=True)

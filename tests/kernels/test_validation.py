@@ -112,6 +112,25 @@ ATTENTION_ERRORS = [
         "slot_valid is on meta, expected cpu",
         id="slot-valid-device",
     ),
+    pytest.param(
+        {"sinks": torch.zeros(3)}, r"sinks has shape \[3\], expected \[4\]", id="sinks-shape"
+    ),
+    pytest.param(
+        {"sinks": torch.zeros(1, 4)},
+        r"sinks has shape \[1, 4\], expected \[4\]",
+        id="sinks-2d",
+    ),
+    pytest.param(
+        {"sinks": torch.zeros(4, dtype=torch.int32)},
+        "sinks has dtype int32, expected one of float16, bfloat16, float32, float64",
+        id="sinks-dtype",
+    ),
+    pytest.param(
+        {"sinks": torch.zeros(4, device="meta")},
+        "sinks is on meta, expected cpu",
+        id="sinks-device",
+    ),
+    pytest.param({"sinks": [0.0] * 4}, "sinks must be a torch.Tensor, got list", id="sinks-list"),
     pytest.param({"backend": "cuda"}, "unknown kernels backend", id="backend"),
     pytest.param({"config": {"block_n": 8}}, "block_n must be >= 16", id="config-block-n-small"),
     pytest.param({"config": {"block_n": 24}}, "block_n must be a power of 2, got 24", id="config"),
