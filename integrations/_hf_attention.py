@@ -17,7 +17,7 @@ from . import _forward_context
 ATTN_NAME = "pagedkv"
 
 # Attention arguments that change the result and that the paged kernel does not implement.
-_UNSUPPORTED_KWARGS = ("s_aux", "sinks", "attention_chunk_size")
+_UNSUPPORTED_KWARGS = ("attention_chunk_size",)
 
 
 def paged_attention_forward(
@@ -53,12 +53,17 @@ def paged_attention_forward(
         )
     batch, num_heads, q_len, head_dim = query.shape
     packed = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
+    # Attention sinks (gpt-oss passes `s_aux`): one more logit per head in each softmax.
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
     out = cache.attend(
         module.layer_idx,
         packed,
         scale=head_dim**-0.5 if scaling is None else float(scaling),
         sliding_window=sliding_window or None,
         softcap=softcap or None,
+        sinks=None if sinks is None else sinks.detach(),
     )
     if query.requires_grad and torch.is_grad_enabled():
         out = NoBackward.apply(packed, out)

@@ -120,6 +120,10 @@ class PagedCache(Cache):
         self._holes = False  # whether a row stored a pad (then positions skip them)
         self._forward: _Forward | None = None
         self.last_forward: _Forward | None = None  # the latest ended forward (inspection)
+        # How many tokens a `crop` may drop (assisted decoding, whose candidates may span
+        # forwards): sliding windows keep what queries after such a crop see. None: a crop
+        # back into the last forward, if it fed at most CROP_STEP tokens.
+        self.crop_margin: int | None = None
         self._finalizer = weakref.finalize(self, self._held.release)
 
     # ---- sequences ------------------------------------------------------------------------
@@ -128,18 +132,27 @@ class PagedCache(Cache):
         """The manager sequence id of each batch row."""
         return list(self._rows)
 
+    def _distinct_blocks(self) -> list[int]:
+        """Per KV cache group: distinct blocks this cache's rows hold."""
+        counts = []
+        for g in range(len(self.manager.config.groups)):
+            ids: set[int] = set()
+            for seq_id in self._rows:
+                ids.update(b.block_id for b in self.manager.get_blocks(seq_id, g).blocks)
+            counts.append(len(ids))
+        return counts
+
     @property
     def num_blocks(self) -> int:
-        """Distinct blocks this cache's rows hold (shared blocks counted once)."""
-        ids: set[int] = set()
-        for seq_id in self._rows:
-            ids.update(self.manager.get_blocks(seq_id).block_ids)
-        return len(ids)
+        """Distinct blocks this cache's rows hold (shared blocks counted once), every KV cache
+        group together."""
+        return sum(self._distinct_blocks())
 
     @property
     def kv_bytes(self) -> int:
-        """KV bytes this cache holds: distinct blocks x bytes per block (all layers, K and V)."""
-        return self.num_blocks * self.manager.config.bytes_per_block
+        """KV bytes this cache holds: each group's distinct blocks x its bytes per block."""
+        cfg = self.manager.config
+        return sum(n * cfg.group_bytes_per_block(g) for g, n in enumerate(self._distinct_blocks()))
 
     def _new_id(self) -> tuple[str, int]:
         return ("pagedkv.hf", next(self._next_id))
@@ -245,7 +258,13 @@ class PagedCache(Cache):
         if expand > 1:
             forks = [[self._new_id() for _ in range(expand - 1)] for _ in self._rows]
         step = self.manager.step(
-            self._rows, new, token_ids=ids, valid=valid, num_queries=q_len, forks=forks
+            self._rows,
+            new,
+            token_ids=ids,
+            valid=valid,
+            num_queries=q_len,
+            forks=forks,
+            keep=self.crop_margin,
         )
         before = (list(self._rows), list(self._fed), self._seen, self._holes)
         self._holes = self._holes or valid is not None
@@ -346,6 +365,13 @@ class PagedCache(Cache):
         """
         width = self._seen
         step = forward.step
+        window = self.manager.config.layer_windows[layer_idx]
+        if window is not None:
+            raise NotImplementedError(
+                f"layer {layer_idx} has a sliding window of {window}: its KV cache group keeps "
+                "only that window, and a model whose attention reads contiguous K/V (outside "
+                "transformers' attention registry) would read all of them"
+            )
         if forward.gather_index is None:  # once per step, shared by all layers
             lens = step.seq_lens.to(torch.int64)
             pos = torch.arange(width, device=lens.device)
@@ -371,8 +397,10 @@ class PagedCache(Cache):
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`paged_attention` of packed queries `[batch * q_len, heads, head_dim]` on the blocks."""
+        """`paged_attention` of packed queries `[batch * q_len, heads, head_dim]` on the blocks
+        (`sinks`: a logit per head joining each softmax, as gpt-oss's `s_aux`)."""
         forward = self._current()
         forward.attended[layer_idx] = sliding_window
         out = forward.step.attend(
@@ -382,6 +410,7 @@ class PagedCache(Cache):
             causal=True,
             sliding_window=sliding_window,
             softcap=softcap,
+            sinks=sinks,
         )
         return out.to(query.dtype)
 

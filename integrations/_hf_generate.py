@@ -13,6 +13,7 @@ import torch
 from transformers import GenerationConfig
 
 from pagedkv.kvcache import OutOfBlocksError
+from pagedkv.kvcache.config import CROP_STEP
 
 from ._hf_cache import PagedCache
 from ._hf_state import CACHE_KEYS, PagedState
@@ -62,6 +63,8 @@ def _generate(state: PagedState, generate, args: tuple, kwargs: dict):
     # cache made here is freed when the call ends. On an error every row is freed.
     keep = user_cache is not None or bool(getattr(gen_config, "is_assistant", False))
     cache = user_cache if user_cache is not None else PagedCache(state.manager)
+    if _drafts(gen_config, kwargs):  # candidates are cropped, even across forwards
+        cache.crop_margin = max(cache.crop_margin or 0, CROP_STEP)
     for key in CACHE_KEYS:
         kwargs.pop(key, None)
     kwargs[state.cache_kwarg] = cache
@@ -132,24 +135,29 @@ def _check_cache_implementation(kwargs: dict, explicit, gen_config) -> None:
         kwargs["cache_implementation"] = None  # e.g. gemma2 checkpoints ship "hybrid"
 
 
+_DRAFTING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def _setting(gen_config, kwargs, name):
+    return kwargs.get(name, getattr(gen_config, name, None))
+
+
 def _starts_from_cache(gen_config, kwargs) -> bool:
     """Whether this generate call feeds only the columns after a pre-filled cache.
 
     Not so for chunked prefill on transformers 5.17 (chunks restart at column 0), nor for
     assisted decoding and prompt lookup (their first forward feeds the whole prompt).
     """
-
-    def setting(name):
-        return kwargs.get(name, getattr(gen_config, name, None))
-
     return all(
-        setting(name) is None
-        for name in (
-            "prefill_chunk_size",
-            "assistant_model",
-            "prompt_lookup_num_tokens",
-            "assistant_early_exit",
-        )
+        _setting(gen_config, kwargs, name) is None for name in ("prefill_chunk_size", *_DRAFTING)
+    )
+
+
+def _drafts(gen_config, kwargs) -> bool:
+    """Whether this call drafts candidate tokens and crops the rejected ones: assisted
+    decoding, prompt lookup, self-speculation, or an assistant model's own generate."""
+    return bool(getattr(gen_config, "is_assistant", False)) or any(
+        _setting(gen_config, kwargs, name) is not None for name in _DRAFTING
     )
 
 

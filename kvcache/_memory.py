@@ -12,7 +12,13 @@ import os
 
 import torch
 
-__all__ = ["HOST_BYTES_PER_BLOCK", "available_bytes", "default_budget", "format_bytes"]
+__all__ = [
+    "HOST_BYTES_PER_BLOCK",
+    "available_bytes",
+    "default_budget",
+    "format_bytes",
+    "split_budget",
+]
 
 CUDA_DEFAULT_FRACTION = 0.5
 CPU_DEFAULT_CAP = 1 << 30
@@ -51,6 +57,28 @@ def default_budget(device: torch.device, bytes_per_block: int) -> int:
         budget = min(CPU_DEFAULT_CAP, int(available_bytes(device) * CPU_DEFAULT_FRACTION))
     budget = min(budget, MAX_DEFAULT_BLOCKS[device.type] * bytes_per_block)
     return max(budget, bytes_per_block)
+
+
+def split_budget(
+    budget: int,
+    bytes_per_block: list[int],
+    windows: list[int | None],
+    block_size: int,
+    context: int,
+    crop_step: int,
+) -> list[int]:
+    """Blocks of each KV cache group for `budget` bytes, so that every group holds as many
+    sequences of `context` tokens: a full-attention group all their blocks; a sliding group
+    the blocks of its window (or of a prompt of up to `crop_step` tokens, which it keeps whole
+    until the next step), plus the one a window straddles."""
+    full = -(-context // block_size)
+    need = [
+        full if w is None else min(full, -(-max(w, min(crop_step, context)) // block_size) + 1)
+        for w in windows
+    ]
+    per_sequence = sum(n * b for n, b in zip(need, bytes_per_block, strict=True))
+    sequences = budget / per_sequence
+    return [int(sequences * n) for n in need]
 
 
 def format_bytes(n: float) -> str:

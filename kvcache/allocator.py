@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from .block import BlockHash, FreeBlockQueue, KVCacheBlock
 
-__all__ = ["KVCacheAllocator", "OutOfBlocksError"]
+__all__ = ["KVCacheAllocator", "MemoryGauge", "OutOfBlocksError"]
 
 
 class OutOfBlocksError(RuntimeError):
@@ -25,10 +25,34 @@ class OutOfBlocksError(RuntimeError):
         super().__init__(message)
 
 
+class MemoryGauge:
+    """KV bytes held across several pools (one per KV cache group), and their peak."""
+
+    def __init__(self, bytes_per_block: list[int]) -> None:
+        self._bytes_per_block = bytes_per_block
+        self._used = [0] * len(bytes_per_block)
+        self.used_bytes = 0
+        self.peak_bytes = 0
+
+    def set_used(self, pool: int, blocks: int) -> None:
+        self._used[pool] = blocks
+        self.used_bytes = sum(u * b for u, b in zip(self._used, self._bytes_per_block))
+        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.used_bytes
+
+
 class KVCacheAllocator:
     """Owns every `KVCacheBlock`: allocation, ref counts, prefix-cache index, LRU eviction."""
 
-    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        enable_prefix_caching: bool = True,
+        gauge: MemoryGauge | None = None,
+        pool: int = 0,
+    ) -> None:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks!r} is invalid; expected an integer >= 1")
         self.num_blocks = num_blocks
@@ -40,6 +64,7 @@ class KVCacheAllocator:
         self.num_evictions = 0
         # Most blocks in use at once since creation or `reset_peak`.
         self.peak_used_blocks = 0
+        self._gauge, self._pool = gauge, pool  # this pool's share of the bytes held
 
     # ---- counts ---------------------------------------------------------------------------
     @property
@@ -68,7 +93,7 @@ class KVCacheAllocator:
                 self.num_evictions += 1
             block.ref_count = 1
             out.append(block)
-        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+        self._count()
         return out
 
     def free(self, blocks: Iterable[KVCacheBlock]) -> None:
@@ -85,6 +110,8 @@ class KVCacheAllocator:
                     self._free.push_front(block)
                 else:
                     self._free.push_back(block)
+        if self._gauge is not None:
+            self._gauge.set_used(self._pool, self.num_used_blocks)
 
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Add a reference to each block (a prefix-cache hit or a fork), reviving free ones."""
@@ -92,7 +119,13 @@ class KVCacheAllocator:
             if block.ref_count == 0:
                 self._free.remove(block)
             block.ref_count += 1
-        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+        self._count()
+
+    def _count(self) -> None:
+        used = self.num_used_blocks
+        self.peak_used_blocks = max(self.peak_used_blocks, used)
+        if self._gauge is not None:
+            self._gauge.set_used(self._pool, used)
 
     def reset_peak(self) -> None:
         """Start measuring the peak of blocks in use from now."""

@@ -17,13 +17,17 @@ from .block import KVCacheBlock
 __all__ = ["BlockTable", "KVCacheBlocks"]
 
 PAD_BLOCK = 0  # entry past a row's blocks: a valid id, never read (attention stops at seq_len)
+ABSENT = -1  # entry of a block released out of a sliding window: no query reads it
 
 
 class BlockTable(RowArrays):
-    """Block-table rows of all live sequences: row r holds a sequence's block ids
-    (`ids[r, :num_blocks[r]]`) and its token count."""
+    """Block-table rows of all live sequences in one KV cache group: row r holds a sequence's
+    block ids (`ids[r, :num_blocks[r]]`) and its token count. In a sliding-window group the
+    first `num_absent[r]` entries are ABSENT (released), and the row holds the K/V of positions
+    `stored_from[r]` on (0 in a full-attention group; `num_absent == stored_from // block_size`
+    once a step is committed, while an open step may leave more entries ABSENT)."""
 
-    VECTORS = ("num_blocks", "num_tokens")
+    VECTORS = ("num_blocks", "num_tokens", "num_absent", "stored_from")
 
     def __init__(self) -> None:
         super().__init__(np.int32, PAD_BLOCK)
@@ -34,19 +38,26 @@ class BlockTable(RowArrays):
         return self.ids[rows, :width]
 
     def append_blocks(
-        self, rows: np.ndarray, counts: np.ndarray, blocks: Sequence[KVCacheBlock]
+        self,
+        rows: np.ndarray,
+        counts: np.ndarray,
+        absent: np.ndarray,
+        blocks: Sequence[KVCacheBlock],
     ) -> None:
-        """Append `blocks` to the rows, `counts[i]` of them to row `rows[i]`, in order."""
+        """Append `counts[i]` entries to row `rows[i]`: `absent[i]` ABSENT ones, then the next
+        of `blocks`, in order."""
         starts = self.num_blocks[rows]
         ends = starts + counts
         self.ensure_cols(int(ends.max()))
         ids = np.fromiter((b.block_id for b in blocks), np.int32, len(blocks))
-        if int(counts.max()) == 1:  # a decode step: one new block for the rows that filled one
+        if int(counts.max()) == 1 and not absent.any():  # a decode step: one block where due
             grown = np.flatnonzero(counts)
             self.ids[rows[grown], starts[grown]] = ids
         else:
             row_of, index = ragged(counts)
-            self.ids[rows[row_of], starts[row_of] + index] = ids
+            entries = np.full(len(row_of), ABSENT, np.int32)
+            entries[index >= absent[row_of]] = ids
+            self.ids[rows[row_of], starts[row_of] + index] = entries
         self.num_blocks[rows] = ends
 
     def cut_rows(self, rows: np.ndarray, num_blocks: np.ndarray) -> np.ndarray:
@@ -61,11 +72,25 @@ class BlockTable(RowArrays):
         self.num_blocks[rows] = num_blocks
         return dropped
 
+    def release_front(self, rows: np.ndarray, upto: np.ndarray) -> np.ndarray:
+        """Rows mark their entries before `upto[i]` ABSENT; returns the ids released."""
+        lo = self.num_absent[rows]
+        count = np.maximum(np.minimum(upto, self.num_blocks[rows]) - lo, 0)
+        if not count.any():
+            return np.empty(0, np.int32)
+        row_of, index = ragged(count)
+        cols = lo[row_of] + index
+        released = self.ids[rows[row_of], cols]
+        self.ids[rows[row_of], cols] = ABSENT
+        self.num_absent[rows] = lo + count
+        return released
+
     def block_counts(self, rows: np.ndarray, pool_size: int) -> np.ndarray:
         """`[pool_size]` int64: how many times each block id appears in `rows`."""
         width = int(self.num_blocks[rows].max(initial=0))
-        used = np.arange(width) < self.num_blocks[rows][:, None]
-        return np.bincount(self.ids[rows, :width][used], minlength=pool_size)
+        ids = self.ids[rows, :width]
+        used = (np.arange(width) < self.num_blocks[rows][:, None]) & (ids >= 0)
+        return np.bincount(ids[used], minlength=pool_size)
 
 
 class KVCacheBlocks:
@@ -97,11 +122,23 @@ class KVCacheBlocks:
 
     @property
     def block_ids(self) -> list[int]:
+        """Its entries: block ids, ABSENT (-1) for blocks released out of a sliding window."""
         return self._table.ids[self._row, : len(self)].tolist()
 
     @property
+    def num_absent(self) -> int:
+        """Leading entries released out of a sliding window (ABSENT)."""
+        return int(self._table.num_absent[self._row])
+
+    @property
+    def stored_from(self) -> int:
+        """The first position whose K/V it holds (every later one is held too)."""
+        return int(self._table.stored_from[self._row])
+
+    @property
     def blocks(self) -> list[KVCacheBlock]:
-        return [self._pool[i] for i in self.block_ids]
+        """The blocks it holds, in order (absent entries skipped)."""
+        return [self._pool[i] for i in self.block_ids if i != ABSENT]
 
     def __iter__(self) -> Iterator[KVCacheBlock]:
         return iter(self.blocks)
@@ -110,8 +147,10 @@ class KVCacheBlocks:
         n = len(self)
         if index < 0:
             index += n
-        if not 0 <= index < n:
-            raise IndexError(f"block index {index} out of range for {n} blocks")
+        if not self.num_absent <= index < n:
+            raise IndexError(
+                f"block index {index} out of range for {n} blocks ({self.num_absent} released)"
+            )
         return self._pool[int(self._table.ids[self._row, index])]
 
     @property
@@ -123,11 +162,15 @@ class KVCacheBlocks:
         return f"KVCacheBlocks(tokens={self.num_tokens}, blocks={self.block_ids})"
 
     # ---- writes (the sequence registry's) -------------------------------------------------
-    def extend(self, blocks: Sequence[KVCacheBlock]) -> None:
+    def extend(self, blocks: Sequence[KVCacheBlock], absent: int = 0) -> None:
+        """Append `absent` ABSENT entries (only to an empty row), then `blocks`."""
         n = len(self)
-        self._table.ensure_cols(n + len(blocks))
-        self._table.ids[self._row, n : n + len(blocks)] = [b.block_id for b in blocks]
-        self._table.num_blocks[self._row] = n + len(blocks)
+        assert not absent or n == 0, "absent entries lead a row"
+        ids = [ABSENT] * absent + [b.block_id for b in blocks]
+        self._table.ensure_cols(n + len(ids))
+        self._table.ids[self._row, n : n + len(ids)] = ids
+        self._table.num_blocks[self._row] = n + len(ids)
+        self._table.num_absent[self._row] += absent
 
     def replace_last(self, block: KVCacheBlock) -> None:
         self._table.ids[self._row, len(self) - 1] = block.block_id
@@ -136,10 +179,13 @@ class KVCacheBlocks:
         self._table.num_tokens[self._row] = num_tokens
 
     def truncate(self, num_blocks: int) -> list[KVCacheBlock]:
-        """Drop the blocks past the first `num_blocks`; returns them, tail first."""
-        dropped = self.blocks[num_blocks:][::-1]
+        """Drop the entries past the first `num_blocks`; returns the blocks dropped, tail
+        first (the caller checked that a sliding window keeps what it needs)."""
+        absent = self.num_absent
+        dropped = [self._pool[i] for i in self.block_ids[num_blocks:] if i != ABSENT][::-1]
         self._table.ids[self._row, num_blocks : len(self)] = PAD_BLOCK
         self._table.num_blocks[self._row] = num_blocks
+        self._table.num_absent[self._row] = min(absent, num_blocks)
         return dropped
 
     def release(self) -> None:

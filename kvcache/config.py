@@ -14,9 +14,13 @@ from typing import Any
 
 import torch
 
-from ._memory import available_bytes, default_budget
+from ._memory import available_bytes, default_budget, split_budget
 
-__all__ = ["DType", "DeviceType", "KVCacheConfig"]
+__all__ = ["CROP_STEP", "AttentionGroup", "DType", "DeviceType", "KVCacheConfig", "model_windows"]
+
+# A sliding-window group keeps the window of a step's first token when the step has at most
+# this many tokens (so that a crop back into it works); of a longer step, the window of its end.
+CROP_STEP = 64
 
 
 class DeviceType(str, Enum):
@@ -88,21 +92,33 @@ def _parse_device(value: Any) -> tuple[DeviceType, int | None]:
 
 
 @dataclass(frozen=True)
+class AttentionGroup:
+    """Layers that attend alike and share one pool of blocks (a KV cache group)."""
+
+    window: int | None  # sliding window: a query sees the keys this close to it; None: all
+    layers: tuple[int, ...]  # the model's layer indices, ascending
+
+
+@dataclass(frozen=True)
 class KVCacheConfig:
     """Geometry and size of a paged KV cache.
 
-    The pool holds `num_blocks` blocks; each block stores `block_size` tokens of K and V for
-    every layer, so `bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim *
-    itemsize`. Size it with one of `num_blocks`, `memory_budget_bytes` (the pool is as large as
-    fits the budget) or `memory_fraction` (a fraction of the device memory free now, host RAM
-    for CPU). `num_cpu_blocks` sizes the CPU swap space (0 = no swapping).
+    Layers are grouped by how they attend (`layer_windows`: full attention, or one group per
+    sliding window); each group has its own pool of blocks, a block holding `block_size`
+    tokens of K and V for every layer of its group. Size the pools with one of `num_blocks`
+    (blocks of each group: one count for all, or one per group), `memory_budget_bytes` (split
+    so that every group holds as many sequences of `context_length` tokens; a sliding group
+    keeps only a window of each, or a short prompt whole: see `_memory.split_budget`) or
+    `memory_fraction` (a fraction of the device memory free now, host RAM for CPU, split
+    likewise). `num_cpu_blocks` sizes the CPU swap space of each
+    group (0 = no swapping).
     """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     block_size: int = 16
-    num_blocks: int | None = None
+    num_blocks: int | tuple[int, ...] | None = None
     memory_budget_bytes: int | None = None
     memory_fraction: float | None = None
     dtype: DType = DType.FLOAT32
@@ -110,6 +126,15 @@ class KVCacheConfig:
     device_index: int | None = None
     enable_prefix_caching: bool = True
     num_cpu_blocks: int = 0
+    # Each layer's sliding window, None for full attention (the default: every layer full).
+    layer_windows: tuple[int | None, ...] | None = None
+    # The sequence length a memory budget is split for (see above).
+    context_length: int = 4096
+    groups: tuple[AttentionGroup, ...] = dataclasses.field(init=False, compare=False, repr=False)
+    # Per layer: (its group, its index among that group's layers).
+    layer_groups: tuple[tuple[int, int], ...] = dataclasses.field(
+        init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -130,6 +155,18 @@ class KVCacheConfig:
         if self.block_size > 128:
             raise ValueError(f"block_size={self.block_size} is too large; expected at most 128")
         _check_int("num_cpu_blocks", self.num_cpu_blocks, minimum=0)
+        _check_int("context_length", self.context_length, minimum=1)
+        set_("layer_windows", _layer_windows(self.layer_windows, self.num_layers))
+        set_("groups", _groups(self.layer_windows))
+        set_(
+            "layer_groups",
+            tuple(
+                next(
+                    (g, grp.layers.index(i)) for g, grp in enumerate(self.groups) if i in grp.layers
+                )
+                for i in range(self.num_layers)
+            ),
+        )
         sizes = {  # how the pool is sized: exactly one
             name: getattr(self, name)
             for name in ("num_blocks", "memory_budget_bytes", "memory_fraction")
@@ -153,17 +190,32 @@ class KVCacheConfig:
             set_("memory_budget_bytes", int(fraction * available_bytes(self.torch_device)))
         if self.num_blocks is None:
             _check_int("memory_budget_bytes", self.memory_budget_bytes, minimum=1)
-            blocks = self.num_blocks_for_memory(self.memory_budget_bytes)
-            if blocks < 1:
+            blocks = split_budget(
+                self.memory_budget_bytes,
+                [self.group_bytes_per_block(g) for g in range(len(self.groups))],
+                [g.window for g in self.groups],
+                self.block_size,
+                self.context_length,
+                CROP_STEP,
+            )
+            if min(blocks) < 1:
                 raise ValueError(
                     f"{next(iter(sizes))}={next(iter(sizes.values()))} holds no block "
-                    f"({self.memory_budget_bytes} bytes); one block needs "
+                    f"({self.memory_budget_bytes} bytes); one block of every group needs "
                     f"{self.bytes_per_block} bytes"
                 )
-            # The request becomes a block count: a copy (`replace`) keeps the pool's size.
-            set_("num_blocks", blocks)
+            # The request becomes block counts: a copy (`replace`) keeps the pools' sizes.
+            set_("num_blocks", blocks[0] if len(set(blocks)) == 1 else tuple(blocks))
             set_("memory_budget_bytes", None)
             set_("memory_fraction", None)
+        elif isinstance(self.num_blocks, tuple):
+            if len(self.num_blocks) != len(self.groups):
+                raise ValueError(
+                    f"num_blocks={self.num_blocks} has {len(self.num_blocks)} counts; expected "
+                    f"one per group ({len(self.groups)}: windows {[g.window for g in self.groups]})"
+                )
+            for count in self.num_blocks:
+                _check_int("num_blocks", count, minimum=1)
         else:
             _check_int("num_blocks", self.num_blocks, minimum=1)
         if not isinstance(self.enable_prefix_caching, bool):
@@ -185,15 +237,36 @@ class KVCacheConfig:
 
     @property
     def bytes_per_block(self) -> int:
+        """A block of every group: `block_size` tokens of K and V across all layers."""
         return self.block_size * self.bytes_per_token
+
+    def group_bytes_per_block(self, group: int) -> int:
+        """A block of group `group`: `block_size` tokens of K and V of its layers."""
+        layers = len(self.groups[group].layers)
+        return (
+            2 * layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        )
+
+    def group_blocks(self, group: int) -> int:
+        """How many blocks group `group`'s pool holds."""
+        counts = self.num_blocks
+        return counts[group] if isinstance(counts, tuple) else counts
 
     @property
     def total_bytes(self) -> int:
-        return self.num_blocks * self.bytes_per_block
+        return sum(
+            self.group_blocks(g) * self.group_bytes_per_block(g) for g in range(len(self.groups))
+        )
+
+    @property
+    def total_blocks(self) -> int:
+        """Blocks of every group together."""
+        return sum(self.group_blocks(g) for g in range(len(self.groups)))
 
     @property
     def max_tokens(self) -> int:
-        return self.num_blocks * self.block_size
+        """Tokens the first group's pool holds (the full-attention group, when there is one)."""
+        return self.group_blocks(0) * self.block_size
 
     def num_blocks_for_memory(self, num_bytes: int) -> int:
         """How many whole blocks fit in `num_bytes`."""
@@ -252,7 +325,11 @@ class KVCacheConfig:
             "num_layers": int(num_layers),
             "num_kv_heads": int(num_kv_heads),
             "head_dim": int(head_dim),
+            "layer_windows": model_windows(text, int(num_layers)),
         }
+        context = getattr(text, "max_position_embeddings", None)
+        if isinstance(context, int) and context > 0:
+            values["context_length"] = min(context, 32768)
         dtype = getattr(text, "dtype", None)  # (`torch_dtype` is its deprecated alias)
         if dtype is not None:
             # An unsupported checkpoint dtype (e.g. fp8) keeps the default unless overridden.
@@ -266,6 +343,44 @@ class KVCacheConfig:
                 unsized.torch_device, unsized.bytes_per_block
             )
         return cls(**values)
+
+
+def _layer_windows(windows: Any, num_layers: int) -> tuple[int | None, ...]:
+    if windows is None:
+        return (None,) * num_layers
+    windows = tuple(windows)
+    if len(windows) != num_layers:
+        raise ValueError(
+            f"layer_windows has {len(windows)} entries; expected one per layer ({num_layers})"
+        )
+    for w in windows:
+        if w is not None:
+            _check_int("layer_windows entry", w, minimum=1)
+    return windows
+
+
+def _groups(windows: tuple[int | None, ...]) -> tuple[AttentionGroup, ...]:
+    """Full attention first, then one group per sliding window, narrowest first."""
+    keys = sorted(set(windows), key=lambda w: (w is not None, w or 0))
+    return tuple(AttentionGroup(w, tuple(i for i, x in enumerate(windows) if x == w)) for w in keys)
+
+
+def model_windows(text_config: Any, num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window as a transformers config says: `layer_types`
+    ("sliding_attention", "full_attention", ...) with `sliding_window`, or a `sliding_window`
+    for every layer (mistral style, unless `use_sliding_window` is off)."""
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is not None:
+        chunked = [i for i, kind in enumerate(layer_types) if kind == "chunked_attention"]
+        if chunked:
+            raise ValueError(
+                f"layers {chunked} use chunked attention, which pagedkv does not implement"
+            )
+        return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+    if window and getattr(text_config, "use_sliding_window", True):
+        return (int(window),) * num_layers
+    return (None,) * num_layers
 
 
 def _first_attr(obj: Any, *names: str) -> Any:

@@ -44,23 +44,26 @@ def summary(manager: Any) -> str:
         f"blocks={s.num_used_blocks}/{s.num_blocks} used ({s.usage:.1%}), "
         f"cached={s.num_cached_blocks}, block_size={c.block_size}, layers={c.num_layers}, "
         f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={c.dtype.value}, "
-        f"device={manager.cache.pool.device}, pool={format_bytes(c.total_bytes)}, "
+        f"device={manager.cache.device}, pool={format_bytes(c.total_bytes)}, "
         f"prefix_hits={s.prefix_hits}/{s.prefix_queries} tokens)"
     )
 
 
-def block_map(manager: Any) -> list[dict]:
-    """Per block: state ('free', 'cached', 'used', 'shared'), ref count, owners, tokens."""
+def block_map(manager: Any, group: int = 0) -> list[dict]:
+    """Per block of a KV cache group's pool: state ('free', 'cached', 'used', 'shared'), ref
+    count, owners, tokens."""
     owners: dict[int, list] = {}
     fill: dict[int, int] = {}
     bs = manager.block_size
     for seq_id in manager.seq_ids:
-        blocks = manager.get_blocks(seq_id)
+        blocks = manager.get_blocks(seq_id, group)
         for i, b in enumerate(blocks.block_ids):
+            if b < 0:
+                continue  # released out of a sliding window
             owners.setdefault(b, []).append(seq_id)
             fill[b] = min(bs, blocks.num_tokens - i * bs)
     out = []
-    for block in manager.allocator.blocks:
+    for block in manager.allocators[group].blocks:
         if block.ref_count == 0:
             state = "free" if block.block_hash is None else "cached"
         else:
@@ -78,14 +81,17 @@ def block_map(manager: Any) -> list[dict]:
     return out
 
 
-def cached_blocks(manager: Any) -> dict[int, int]:
-    """Block id -> prefix-cache key of every block registered in the prefix cache now.
+def cached_blocks(manager: Any) -> dict[tuple[int, int], int]:
+    """(group, block id) -> prefix-cache key of every block registered in the prefix cache now.
 
     Take it before a call and pass it as `since=` to `block_map_html` during or after the call:
     blocks in use then under the same key were found in the prefix cache, not computed anew.
     """
     return {
-        b.block_id: b.block_hash.value for b in manager.allocator.blocks if b.block_hash is not None
+        (g, b.block_id): b.block_hash.value
+        for g, allocator in enumerate(manager.allocators)
+        for b in allocator.blocks
+        if b.block_hash is not None
     }
 
 
@@ -137,33 +143,44 @@ def block_map_html(
     seq_ids = manager.seq_ids
     names = {sid: (labels or {}).get(sid) or short_label(sid) for sid in seq_ids}
     colors = {sid: seq_color(i) for i, sid in enumerate(seq_ids)}
-    reused = _reused_blocks(manager, since)
-    infos = block_map(manager)
-    items, covered = _layout(infos, max_blocks)
-    small = len(items) > 512  # big maps: smaller squares, no ref-count digits
-    cells = [
-        _gap_html(item, small)
-        if isinstance(item, tuple)
-        else _cell_html(item, manager.block_size, colors, names, item["block_id"] in reused, small)
-        for item in items
-    ]
+    groups = manager.config.groups
+    sections = []
+    for g, group in enumerate(groups):
+        reused = _reused_blocks(manager, g, since)
+        infos = block_map(manager, g)
+        items, covered = _layout(infos, max_blocks)
+        small = len(items) > 512  # big maps: smaller squares, no ref-count digits
+        cells = [
+            _gap_html(item, small)
+            if isinstance(item, tuple)
+            else _cell_html(
+                item, manager.block_size, colors, names, item["block_id"] in reused, small
+            )
+            for item in items
+        ]
+        caption = ""
+        if len(groups) > 1:
+            kind = "full attention" if group.window is None else f"sliding window {group.window}"
+            caption = f"<div><b>{kind}</b>: layers {list(group.layers)}</div>"
+        sections.append(
+            f'{caption}<div style="display:flex;flex-wrap:wrap">{"".join(cells)}</div>'
+            f"{_undrawn_html(infos, covered) if covered < len(infos) else ''}"
+        )
     return (
         f'<div style="font:12px sans-serif;max-width:820px">{_header_html(manager)}'
-        f'<div style="display:flex;flex-wrap:wrap">{"".join(cells)}</div>'
-        f"{_undrawn_html(infos, covered) if covered < len(infos) else ''}"
-        f"{_legend_html(seq_ids, names, colors, bool(since))}</div>"
+        f"{''.join(sections)}{_legend_html(seq_ids, names, colors, bool(since))}</div>"
     )
 
 
-def _reused_blocks(manager: Any, since: Mapping[int, int] | None) -> set[int]:
-    """Blocks in use now under the prefix-cache key they had in `since`."""
+def _reused_blocks(manager: Any, group: int, since: Mapping | None) -> set[int]:
+    """Blocks of a group in use now under the prefix-cache key they had in `since`."""
     if not since:
         return set()
     now = cached_blocks(manager)
     return {
         b.block_id
-        for b in manager.allocator.blocks
-        if b.ref_count > 0 and b.block_id in since and now.get(b.block_id) == since[b.block_id]
+        for b in manager.allocators[group].blocks
+        if b.ref_count > 0 and now.get((group, b.block_id), -1) == since.get((group, b.block_id))
     }
 
 
@@ -201,7 +218,7 @@ def _header_html(manager: Any) -> str:
         f"{s.num_used_blocks}/{s.num_blocks} in use ({s.usage:.1%}), peak {s.peak_used_blocks}, "
         f"{s.num_cached_blocks} in the prefix cache",
         f"block: {c.block_size} tokens x {c.num_layers} layers x {c.num_kv_heads} KV heads x "
-        f"head_dim {c.head_dim}, {c.dtype.value} on {manager.cache.pool.device}; pool "
+        f"head_dim {c.head_dim}, {c.dtype.value} on {manager.cache.device}; pool "
         f"{format_bytes(c.total_bytes)}",
         f"prefix cache: {s.prefix_hits} of {s.prefix_queries} prompt tokens found "
         f"({s.prefix_hit_rate:.1%}); {s.evictions} evictions; {s.cow_copies} copy-on-write copies",

@@ -14,13 +14,13 @@ import torch
 
 from . import _checks, display
 from ._rows import ragged
-from .allocator import KVCacheAllocator
+from .allocator import KVCacheAllocator, MemoryGauge, OutOfBlocksError
 from .block_table import KVCacheBlocks
 from .config import KVCacheConfig
 from .paged_cache import PagedKVCache
 from .prefix import PrefixChain, lookup_prefix
-from .sequences import SeqState, Sequences
-from .stats import KVCacheStats
+from .sequences import SHORTAGE_HINT, SeqState, Sequences
+from .stats import GroupStats, KVCacheStats
 from .step import Step
 from .swap import SwapSpace
 
@@ -50,8 +50,15 @@ class KVCacheManager:
         self.config = config
         self.block_size = config.block_size
         self.cache = PagedKVCache(config)
-        self.allocator = KVCacheAllocator(config.num_blocks, config.enable_prefix_caching)
-        self._seqs = Sequences(self.allocator, self.cache, config.block_size)
+        groups = range(len(config.groups))
+        self._gauge = MemoryGauge([config.group_bytes_per_block(g) for g in groups])
+        self.allocators = [
+            KVCacheAllocator(
+                config.group_blocks(g), config.enable_prefix_caching, self._gauge, pool=g
+            )
+            for g in groups
+        ]
+        self._seqs = Sequences(self.allocators, self.cache)
         self._swap = SwapSpace(self.cache, config.num_cpu_blocks)
         self._prefix_queries = 0
         self._prefix_hits = 0
@@ -77,42 +84,54 @@ class KVCacheManager:
         return self._swap.ids()
 
     @property
+    def allocator(self) -> KVCacheAllocator:
+        """The first KV cache group's block pool (the only one without sliding windows)."""
+        return self.allocators[0]
+
+    @property
     def num_free_blocks(self) -> int:
-        return self.allocator.num_free_blocks
+        """Free blocks, every group together."""
+        return sum(a.num_free_blocks for a in self.allocators)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.allocator.num_used_blocks
+        """Blocks in use, every group together."""
+        return sum(a.num_used_blocks for a in self.allocators)
 
     @property
     def used_bytes(self) -> int:
-        """KV bytes held: blocks in use x bytes per block."""
-        return self.allocator.num_used_blocks * self.config.bytes_per_block
+        """KV bytes held: each group's blocks in use x its bytes per block."""
+        return self._gauge.used_bytes
 
     def seq_len(self, seq_id: Hashable) -> int:
         if seq_id in self._swap:
             return self._swap.get(seq_id).num_tokens
-        return self._get(seq_id).blocks.num_tokens
+        return self.seq_len_of(self._get(seq_id))
 
-    def get_blocks(self, seq_id: Hashable) -> KVCacheBlocks:
-        """The sequence's `KVCacheBlocks` (its block-table row)."""
-        return self._get(seq_id).blocks
+    def seq_len_of(self, state: SeqState) -> int:
+        return int(self._seqs.lengths[state.row])
+
+    def get_blocks(self, seq_id: Hashable, group: int = 0) -> KVCacheBlocks:
+        """The sequence's `KVCacheBlocks` in a KV cache group (its block-table row)."""
+        return self._get(seq_id).blocks[group]
 
     def token_ids(self, seq_id: Hashable) -> list[int]:
         """The token ids the manager knows of the sequence's first positions (a declared
         prompt may run past its length)."""
         return self._seqs.tokens.known(self._get(seq_id).row)
 
-    def block_tables(self, seq_ids: Sequence[Hashable]) -> torch.Tensor:
-        """`[len(seq_ids), max_blocks]` int32 on the cache device; padding entries are 0."""
+    def block_tables(self, seq_ids: Sequence[Hashable], group: int = 0) -> torch.Tensor:
+        """`[len(seq_ids), max_blocks]` int32 on the cache device, of one KV cache group;
+        padding entries are 0, entries a sliding window released are -1."""
         rows = self._seqs.rows([self._get(s) for s in seq_ids])
-        return torch.from_numpy(self._seqs.table.tables(rows)).to(self.cache.pool.device)
+        table = self._seqs.groups[group].table
+        return torch.from_numpy(table.tables(rows)).to(self.cache.device)
 
     def seq_lens(self, seq_ids: Sequence[Hashable]) -> torch.Tensor:
         """`[len(seq_ids)]` int32 token counts on the cache device."""
         rows = self._seqs.rows([self._get(s) for s in seq_ids])
-        lens = self._seqs.table.num_tokens[rows].astype(np.int32)
-        return torch.from_numpy(lens).to(self.cache.pool.device)
+        lens = self._seqs.lengths[rows].astype(np.int32)
+        return torch.from_numpy(lens).to(self.cache.device)
 
     def _get(self, seq_id: Hashable) -> SeqState:
         try:
@@ -166,14 +185,23 @@ class KVCacheManager:
         self._check_new_id(seq_id, "allocate")
         ids = [] if token_ids is None else _checks.as_token_list(token_ids)
         _checks.check_hashable(extra_key, "extra_key")
-        hits, keys = [], []
+        hits, keys, absent = [[] for _ in self.allocators], [], None
         if ids and self.config.enable_prefix_caching:
-            hits, keys = lookup_prefix(self.allocator, ids, self.block_size, extra_key)
+            hits, keys, absent = lookup_prefix(
+                self.allocators,
+                [g.window for g in self.config.groups],
+                ids,
+                self.block_size,
+                extra_key,
+            )
             self._prefix_queries += len(ids)
-            self._prefix_hits += len(hits) * self.block_size
-        self.allocator.touch(hits)
-        self._seqs.add(seq_id, hits, len(hits) * self.block_size, PrefixChain(keys, extra_key), ids)
-        return len(hits) * self.block_size
+            self._prefix_hits += len(keys) * self.block_size
+        for allocator, held in zip(self.allocators, hits, strict=True):
+            allocator.touch(held)
+        chain = PrefixChain(keys, extra_key)
+        stored_from = None if absent is None else [n * self.block_size for n in absent]
+        self._seqs.add(seq_id, hits, len(keys) * self.block_size, chain, ids, stored_from)
+        return len(keys) * self.block_size
 
     def step(
         self,
@@ -184,6 +212,7 @@ class KVCacheManager:
         valid: Sequence[Sequence[bool]] | torch.Tensor | None = None,
         num_queries: int | None = None,
         forks: Sequence[Sequence[Hashable]] | None = None,
+        keep: int | None = None,
     ) -> Step:
         """Plan one forward: append `num_tokens` tokens (one count, or one per sequence, 0
         allowed) to each sequence, then fork `forks[i]` (new ids) off sequence i.
@@ -192,6 +221,10 @@ class KVCacheManager:
         cache). `valid[i][j]` False stores token j but hides it from every query (a pad inside
         a padded batch; its sequence's blocks stop joining the prefix cache). With `num_queries`, each row of the forward has that many queries, its new
         tokens the last of them (padded batches); otherwise a row's queries are its new tokens.
+        `keep`: how many of the last tokens a later `truncate` may drop, on a model with
+        sliding windows, which keep only what queries after the shortest such crop see. By
+        default, a crop back into this step if it has at most `CROP_STEP` (64) tokens, none
+        into a longer one; assisted decoding, whose candidates may span steps, passes more.
         All or nothing (`OutOfBlocksError`, `ValueError`: nothing changed). Returns an open
         `Step`: commit it when the forward succeeded, abort it otherwise (or use `with`).
         """
@@ -201,6 +234,8 @@ class KVCacheManager:
         new = _checks.as_counts(num_tokens, len(states))
         if num_queries is not None:
             _checks.check_count("num_queries", num_queries, minimum=max(int(new.max()), 1))
+        if keep is not None:
+            _checks.check_count("keep", keep, minimum=0)
         row_of, index = ragged(new)
         rows = self._seqs.rows(states)
         ids = unknown = flags = None
@@ -216,7 +251,7 @@ class KVCacheManager:
             forks = _checks.as_forks(forks, len(states))
             for child in (c for f in forks for c in f):
                 self._check_new_id(child, "fork into")
-        growth = self._seqs.grow(states, rows, new, (row_of, index, ids, unknown), forks)
+        growth = self._seqs.grow(states, rows, new, (row_of, index, ids, unknown), forks, keep)
         try:
             return Step(self._seqs, growth, self.cache, num_queries, flags)
         except BaseException:
@@ -266,9 +301,8 @@ class KVCacheManager:
         Dropped full blocks that are registered stay findable in the prefix cache.
         """
         (state,) = self._get_free([seq_id], "truncate")
-        _checks.check_position(
-            num_tokens, state.blocks.num_tokens, f"cannot truncate {seq_id!r} to"
-        )
+        _checks.check_position(num_tokens, self.seq_len_of(state), f"cannot truncate {seq_id!r} to")
+        self._seqs.check_truncate(state, int(num_tokens))
         self._seqs.truncate(state, int(num_tokens))
 
     def free(self, seq_id: Hashable) -> None:
@@ -292,52 +326,67 @@ class KVCacheManager:
             if seq_id in self:
                 raise ValueError(f"sequence {seq_id!r} is not swapped out")
             self._get(seq_id)  # unknown id: raises
-        blocks = self.allocator.allocate(len(self._swap.get(seq_id).cpu_blocks))  # may raise
-        swapped = self._swap.load(seq_id, [b.block_id for b in blocks])
+        parked = self._swap.get(seq_id)
+        for allocator, cpu in zip(self.allocators, parked.cpu_blocks, strict=True):
+            if len(cpu) > allocator.num_free_blocks:
+                raise OutOfBlocksError(
+                    len(cpu), allocator.num_free_blocks, allocator.num_blocks, hint=SHORTAGE_HINT
+                )
+        blocks = [a.allocate(len(cpu)) for a, cpu in zip(self.allocators, parked.cpu_blocks)]
+        swapped = self._swap.load(seq_id, [[b.block_id for b in held] for held in blocks])
         chain = PrefixChain((), swapped.extra_key)  # new blocks: keyed and registered afresh
-        state = self._seqs.add(seq_id, blocks, swapped.num_tokens, chain, swapped.token_ids)
+        state = self._seqs.add(
+            seq_id, blocks, swapped.num_tokens, chain, swapped.token_ids, swapped.stored_from
+        )
         self._seqs.register_full_blocks(state)
 
     # ---- prefix cache / stats -------------------------------------------------------------
     def reset_peak_usage(self) -> None:
-        """Measure `stats.peak_used_blocks` from now on (e.g. around one generate call)."""
-        self.allocator.reset_peak()
+        """Measure the peaks (`stats`, `peak_used_bytes`) from now on (e.g. around one
+        generate call)."""
+        for allocator in self.allocators:
+            allocator.reset_peak()
+        self._gauge.reset_peak()
 
     @property
     def peak_used_bytes(self) -> int:
-        """KV bytes at the peak of blocks in use: `stats.peak_used_blocks` x bytes per block."""
-        return self.allocator.peak_used_blocks * self.config.bytes_per_block
+        """The most KV bytes held at once (every group), since creation or the last reset."""
+        return self._gauge.peak_bytes
 
     def reset_prefix_cache(self) -> int:
         """Forget every registered prefix (data in use is kept). Returns blocks forgotten."""
-        n = self.allocator.reset_prefix_cache()
+        n = sum(a.reset_prefix_cache() for a in self.allocators)
         self._seqs.reset_keys()
         return n
 
     @property
     def stats(self) -> KVCacheStats:
-        a = self.allocator
-        return KVCacheStats(
-            num_blocks=a.num_blocks,
-            num_used_blocks=a.num_used_blocks,
-            peak_used_blocks=a.peak_used_blocks,
-            num_free_blocks=a.num_free_blocks,
-            num_cached_blocks=a.num_cached_blocks,
+        groups = tuple(
+            GroupStats.of(group.window, allocator, self.config.group_bytes_per_block(g))
+            for g, (group, allocator) in enumerate(zip(self.config.groups, self.allocators))
+        )
+        return KVCacheStats.of(
+            groups,
             num_seqs=len(self._seqs),
             num_swapped_seqs=len(self._swap),
             prefix_queries=self._prefix_queries,
             prefix_hits=self._prefix_hits,
-            evictions=a.num_evictions,
             swapped_out_blocks=self._swap.blocks_out,
             swapped_in_blocks=self._swap.blocks_in,
             cow_copies=self._seqs.cow_copies,
+            peak_used_bytes=self._gauge.peak_bytes,
         )
 
     def check_invariants(self) -> None:
         """Assert the bookkeeping is consistent (used by tests; O(blocks)): every block is
         free or held, ref counts = holders, free + used = total, CPU blocks likewise."""
-        self.allocator.check_invariants(self._seqs.holders())
+        for g, allocator in enumerate(self.allocators):
+            allocator.check_invariants(self._seqs.holders(g))
         self._swap.check_invariants()
+        assert self._gauge.used_bytes == sum(
+            a.num_used_blocks * self.config.group_bytes_per_block(g)
+            for g, a in enumerate(self.allocators)
+        )
 
     # ---- display --------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -16,31 +16,46 @@ __all__ = ["PagedKVCache"]
 
 
 class PagedKVCache:
-    """One block-major pool: `[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`.
+    """One block-major pool per KV cache group (`config.groups`):
+    `[num_blocks, group_layers, 2, block_size, num_kv_heads, head_dim]`.
 
-    A block across all layers is one contiguous span, so swapping or copying a block moves one
-    span. Per-layer caches are strided views `[num_blocks, block_size, num_kv_heads, head_dim]`
-    (block stride = num_layers * 2 * block_size * num_kv_heads * head_dim elements), which the
-    kernels take as they are.
+    A block across its group's layers is one contiguous span, so swapping or copying a block
+    moves one span. Per-layer caches are strided views `[num_blocks, block_size, num_kv_heads,
+    head_dim]` of the layer's group pool, which the kernels take as they are. Ops take a
+    layer, and the slot mappings and block tables of that layer's group.
     """
 
     def __init__(self, config: KVCacheConfig) -> None:
         self.config = config
         c = config
         _check_fits(c)
-        self.pool = torch.zeros(
-            (c.num_blocks, c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim),
-            dtype=c.torch_dtype,
-            device=c.torch_device,
-        )
-        self._keys = [self.pool[:, layer, 0] for layer in range(c.num_layers)]
-        self._values = [self.pool[:, layer, 1] for layer in range(c.num_layers)]
+        shape = (c.block_size, c.num_kv_heads, c.head_dim)
+        self.pools = [
+            torch.zeros(
+                (c.group_blocks(g), len(group.layers), 2, *shape),
+                dtype=c.torch_dtype,
+                device=c.torch_device,
+            )
+            for g, group in enumerate(c.groups)
+        ]
+        self._keys = [self.pools[g][:, i, 0] for g, i in c.layer_groups]
+        self._values = [self.pools[g][:, i, 1] for g, i in c.layer_groups]
         # Whether each slot may be attended (False: a pad stored inside a padded batch); read by
-        # attention only once some slot was written invalid (`has_holes`).
-        self.slot_valid = torch.ones(
-            (c.num_blocks, c.block_size), dtype=torch.bool, device=c.torch_device
-        )
-        self.has_holes = False
+        # a group's attention once some slot of it was written invalid (`has_holes`).
+        self.slot_valid = [
+            torch.ones((c.group_blocks(g), c.block_size), dtype=torch.bool, device=c.torch_device)
+            for g in range(len(c.groups))
+        ]
+        self.has_holes = [False] * len(c.groups)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pools[0].device
+
+    @property
+    def pool(self) -> torch.Tensor:
+        """The first group's pool (the only one of a model without sliding windows)."""
+        return self.pools[0]
 
     @property
     def num_layers(self) -> int:
@@ -57,7 +72,8 @@ class PagedKVCache:
             )
 
     def key_cache(self, layer: int) -> torch.Tensor:
-        """`[num_blocks, block_size, num_kv_heads, head_dim]` view of one layer's keys."""
+        """`[num_blocks, block_size, num_kv_heads, head_dim]` view of one layer's keys (in its
+        group's pool)."""
         self._check_layer(layer)
         return self._keys[layer]
 
@@ -65,36 +81,30 @@ class PagedKVCache:
         self._check_layer(layer)
         return self._values[layer]
 
-    @property
-    def key_caches(self) -> list[torch.Tensor]:
-        return list(self._keys)
-
-    @property
-    def value_caches(self) -> list[torch.Tensor]:
-        return list(self._values)
-
     # ---- ops ------------------------------------------------------------------------------
     def write(
         self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
-        """Scatter `key`/`value` `[T, num_kv_heads, head_dim]` into the slots (-1 = skip).
+        """Scatter `key`/`value` `[T, num_kv_heads, head_dim]` into the slots (-1 = skip) of
+        the layer's group.
 
         The pool keeps values, not autograd history: tensors that require grad are stored
         detached."""
         self._check_layer(layer)
         write_kv(key.detach(), value.detach(), self._keys[layer], self._values[layer], slot_mapping)
 
-    def mark_valid(self, slots: np.ndarray, valid: np.ndarray | None) -> None:
-        """Slots `slots` (int64, none -1) now hold tokens that are `valid` (None: all)."""
+    def mark_valid(self, group: int, slots: np.ndarray, valid: np.ndarray | None) -> None:
+        """Slots `slots` (int64, none -1) of a group now hold tokens that are `valid` (None:
+        all)."""
         if valid is not None and not bool(valid.all()):
-            self.has_holes = True
-        if not self.has_holes:
+            self.has_holes[group] = True
+        if not self.has_holes[group]:
             return  # every slot ever written is valid: nothing to record
-        device = self.slot_valid.device
+        table = self.slot_valid[group]
         values = (
             torch.ones(len(slots), dtype=torch.bool) if valid is None else torch.from_numpy(valid)
         )
-        self.slot_valid.view(-1)[torch.from_numpy(slots).to(device)] = values.to(device)
+        table.view(-1)[torch.from_numpy(slots).to(table.device)] = values.to(table.device)
 
     def attend(
         self,
@@ -107,11 +117,12 @@ class PagedKVCache:
         """Paged attention of `query` `[T, num_heads, head_dim]` over this layer's blocks.
 
         Keyword arguments are those of `pagedkv.kernels.paged_attention` (scale,
-        query_start_loc, causal, sliding_window, softcap, out).
+        query_start_loc, causal, sliding_window, softcap, sinks, out).
         """
         self._check_layer(layer)
-        if self.has_holes:
-            kwargs["slot_valid"] = self.slot_valid
+        group = self.config.layer_groups[layer][0]
+        if self.has_holes[group]:
+            kwargs["slot_valid"] = self.slot_valid[group]
         return paged_attention(
             query, self._keys[layer], self._values[layer], block_tables, seq_lens, **kwargs
         )
@@ -123,29 +134,33 @@ class PagedKVCache:
         self._check_layer(layer)
         return gather_kv(self._keys[layer], self._values[layer], block_tables, seq_lens)
 
-    def copy(self, block_mapping: Sequence[tuple[int, int]] | torch.Tensor) -> None:
-        """Copy whole blocks (every layer, K and V) from src to dst: `[(src, dst), ...]`."""
+    def copy(self, group: int, block_mapping: Sequence[tuple[int, int]] | torch.Tensor) -> None:
+        """Copy whole blocks of a group (its layers, K and V) from src to dst: `[(src, dst),
+        ...]`."""
         mapping = torch.as_tensor(block_mapping, dtype=torch.int64).reshape(-1, 2)
         if mapping.numel() == 0:
             return
-        mapping = mapping.to(self.pool.device)
-        copy_blocks(self._keys, self._values, mapping)
-        if self.has_holes:
-            self.slot_valid[mapping[:, 1]] = self.slot_valid[mapping[:, 0]]
+        mapping = mapping.to(self.device)
+        layers = self.config.groups[group].layers
+        copy_blocks([self._keys[i] for i in layers], [self._values[i] for i in layers], mapping)
+        if self.has_holes[group]:
+            valid = self.slot_valid[group]
+            valid[mapping[:, 1]] = valid[mapping[:, 0]]
 
     def __repr__(self) -> str:
         c = self.config
         return (
-            f"PagedKVCache(blocks={c.num_blocks}, layers={c.num_layers}, block_size={c.block_size}, "
+            f"PagedKVCache(blocks={c.num_blocks}, layers={c.num_layers}, groups="
+            f"{[g.window for g in c.groups]}, block_size={c.block_size}, "
             f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={c.dtype.value}, "
-            f"device={self.pool.device}, {c.total_bytes / 2**20:.1f} MiB)"
+            f"device={self.device}, {c.total_bytes / 2**20:.1f} MiB)"
         )
 
 
 def _check_fits(config: KVCacheConfig) -> None:
-    """Refuse, before allocating anything, a pool its device (or the host, for the allocator's
-    per-block records) has no room for."""
-    host = config.num_blocks * HOST_BYTES_PER_BLOCK
+    """Refuse, before allocating anything, pools their device (or the host, for the
+    allocators' per-block records) has no room for."""
+    host = config.total_blocks * HOST_BYTES_PER_BLOCK
     needs = [(config.torch_device, config.total_bytes + (host if config.device == "cpu" else 0))]
     if config.device != "cpu":
         needs.append((torch.device("cpu"), host))

@@ -143,19 +143,32 @@ def chain_keys(
 
 
 def lookup_prefix(
-    allocator: KVCacheAllocator, ids: Sequence[int], block_size: int, extra_key: Hashable
-) -> tuple[list[KVCacheBlock], list[BlockHash]]:
-    """The cached blocks holding the longest prefix of full blocks of `ids`, and their keys.
+    allocators: Sequence[KVCacheAllocator],
+    windows: Sequence[int | None],
+    ids: Sequence[int],
+    block_size: int,
+    extra_key: Hashable,
+) -> tuple[list[list[KVCacheBlock]], list[BlockHash], list[int]]:
+    """The longest prefix of full blocks of `ids` every KV cache group holds cached: (per group
+    the cached blocks to take, the prefix's keys, per group the leading entries left absent).
 
-    At least one token is left out, so the model has a query to compute.
+    A full-attention group needs every block of the prefix; a sliding group only those the
+    next query's window reaches (the blocks covering the last `window - 1` positions). At
+    least one token is left out, so the model has a query to compute.
     """
-    blocks: list[KVCacheBlock] = []
-    keys: list[BlockHash] = []
     usable = ((len(ids) - 1) // block_size) * block_size if ids else 0
+    full = [g for g, w in enumerate(windows) if w is None]
+    keys: list[BlockHash] = []
+    found: list[list[KVCacheBlock | None]] = [[] for _ in allocators]
     for key in chain_keys(ids[:usable], None, block_size, extra_key):
-        block = allocator.lookup(key)
-        if block is None:
-            break
-        blocks.append(block)
+        blocks = [a.lookup(key) for a in allocators]
+        if any(blocks[g] is None for g in full):
+            break  # a full-attention group needs every block: the prefix ends here
         keys.append(key)
-    return blocks, keys
+        for row, block in zip(found, blocks, strict=True):
+            row.append(block)
+    for n in range(len(keys), 0, -1):  # the longest prefix every group can serve
+        firsts = [0 if w is None else max(0, n * block_size - w + 1) // block_size for w in windows]
+        if all(all(b is not None for b in f[first:n]) for f, first in zip(found, firsts)):
+            return [f[first:n] for f, first in zip(found, firsts)], keys[:n], firsts
+    return [[] for _ in allocators], [], [0] * len(allocators)

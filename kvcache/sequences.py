@@ -1,9 +1,18 @@
 """The live sequences of a pool: their block-table rows, token ids and keys, and every change.
 
 This registry is the one writer of block-table rows and of the ref counts sequences hold, so a
-row and its blocks' counts always change together. It also plans the growth of a forward step
-(new blocks, copy-on-write of a shared last block, forks) all or nothing, and commits or undoes
-it. Arguments are trusted: `KVCacheManager` validates them first.
+row and its blocks' counts always change together. Each KV cache group (full attention, or one
+sliding window) has its own allocator and block table; a sequence has one row number, the same
+in every table. The registry also plans the growth of a forward step (new blocks, copy-on-write
+of a shared last block, forks) all or nothing, and commits or undoes it. Arguments are
+trusted: `KVCacheManager` validates them first.
+
+A sliding-window group keeps only what future queries can see, and what a crop may need. A
+step has a "safe end", the shortest length a crop may leave: by default its start when it has
+at most `CROP_STEP` tokens (assisted decoding crops back into its candidates), its end when it
+is longer (a prompt); `keep` moves it to `keep` tokens before the end. The group stores the
+new tokens from `stored_from` on (those the window of the safe end, or later, sees), and on
+commit the blocks wholly before that window go back to the pool (their entries become ABSENT).
 """
 
 from __future__ import annotations
@@ -17,23 +26,51 @@ import numpy as np
 from ._rows import RowAllocator
 from .allocator import KVCacheAllocator, OutOfBlocksError
 from .block import KVCacheBlock
-from .block_table import BlockTable, KVCacheBlocks
+from .block_table import ABSENT, BlockTable, KVCacheBlocks
+from .config import CROP_STEP
 from .paged_cache import PagedKVCache
 from .prefix import PrefixChain, TokenTable
 
-__all__ = ["Growth", "SeqState", "Sequences"]
+__all__ = ["CROP_STEP", "Group", "Growth", "SeqState", "Sequences"]
 
 SHORTAGE_HINT = "raise num_blocks (or memory_budget_bytes), shorten the sequences, or free some"
 
 
+@dataclass(eq=False)
+class Group:
+    """One KV cache group's share of the registry."""
+
+    index: int
+    window: int | None  # sliding window, None: full attention
+    allocator: KVCacheAllocator
+    table: BlockTable
+    # Sequences whose last block may have other holders: checked for copy-on-write when a step
+    # writes into it.
+    maybe_shared: set = field(default_factory=set)
+
+
 @dataclass(slots=True, eq=False)
 class SeqState:
-    """One live sequence: its row (of the block table and the token table) and its keys."""
+    """One live sequence: its row (of every group's block table and of the token table), its
+    blocks per group, and its keys."""
 
     seq_id: Hashable
     row: int
-    blocks: KVCacheBlocks
+    blocks: tuple[KVCacheBlocks, ...]
     chain: PrefixChain
+
+
+@dataclass(slots=True, eq=False)
+class GroupGrowth:
+    """What a step changed in one group."""
+
+    old_num_blocks: np.ndarray
+    old_num_absent: np.ndarray
+    old_stored_from: np.ndarray
+    stored_from: np.ndarray  # per sequence: the first new position stored in this group
+    release_to: np.ndarray  # per sequence: on commit, entries before this are released
+    flagged_before: set  # sequences marked maybe-shared before
+    copied: list[tuple[SeqState, KVCacheBlock]]  # copy-on-write: the sequence, its old block
 
 
 @dataclass(slots=True, eq=False)
@@ -41,35 +78,41 @@ class Growth:
     """What a step changed, kept until it commits or is undone."""
 
     states: list[SeqState]  # the step's sequences, in order
-    rows: np.ndarray  # their block-table rows
+    rows: np.ndarray  # their rows
     old_lens: np.ndarray  # their token counts before the step
     num_new: np.ndarray  # tokens each one appends
-    old_num_blocks: np.ndarray
     row_of: np.ndarray  # for each new token: its sequence's index in `states`
     index: np.ndarray  # and its index among that sequence's new tokens
-    old_known: np.ndarray | None  # TokenTable.num_known before, when the step had ids
-    flagged_before: set[SeqState]  # those that were marked maybe-shared
-    copied: list[tuple[SeqState, KVCacheBlock]]  # copy-on-write: the sequence, its old block
+    old_known: np.ndarray | None  # TokenTable.num_known before, when the step recorded ids
+    groups: list[GroupGrowth]
     children: list[list[SeqState]] = field(default_factory=list)  # forks, per sequence
+
+    def child_rows(self) -> np.ndarray:
+        return np.fromiter((c.row for kids in self.children for c in kids), np.int64)
 
 
 class Sequences:
-    """Sequences by id, their rows in one `BlockTable`, and the ops that change them."""
+    """Sequences by id, their rows in each group's `BlockTable`, and the ops that change them."""
 
-    def __init__(self, allocator: KVCacheAllocator, cache: PagedKVCache, block_size: int) -> None:
-        self.allocator = allocator
-        self.block_size = block_size
-        self.table = BlockTable()
+    def __init__(self, allocators: list[KVCacheAllocator], cache: PagedKVCache) -> None:
+        config = cache.config
+        self.block_size = config.block_size
+        self.groups = [
+            Group(g, grp.window, allocator, BlockTable())
+            for g, (grp, allocator) in enumerate(zip(config.groups, allocators, strict=True))
+        ]
         self.tokens = TokenTable()
         self._rows = RowAllocator()
         self._cache = cache
         self._by_id: dict[Hashable, SeqState] = {}
-        # Sequences whose last block may have other holders: checked for copy-on-write when
-        # a step writes into it.
-        self._maybe_shared: set[SeqState] = set()
         self._open: list[Growth] = []  # growths of steps not committed or undone yet
         self._in_step: set[SeqState] = set()  # sequences those steps hold
         self.cow_copies = 0
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Token count per row (kept alike in every group's table)."""
+        return self.groups[0].table.num_tokens
 
     # ---- lookups --------------------------------------------------------------------------
     def find(self, seq_id: Hashable) -> SeqState | None:
@@ -113,7 +156,7 @@ class Sequences:
         """New tokens' ids (`ids[k]`: the `index[k]`-th new token of `states[row_of[k]]`) must
         agree with the ids the sequences know already (a prompt declared to `allocate`); rows
         marked `unknown` drop their ids instead."""
-        starts = self.table.num_tokens[rows]
+        starts = self.lengths[rows]
         pos = starts[row_of] + index
         bad = self.tokens.first_conflict(rows, starts, row_of, pos, ids, unknown)
         if bad is not None:
@@ -124,6 +167,22 @@ class Sequences:
                 "allocate"
             )
 
+    def check_truncate(self, state: SeqState, num_tokens: int) -> None:
+        """A sliding group must still hold the window a query after `num_tokens` sees."""
+        for group in self.groups:
+            if group.window is None:
+                continue
+            needed = max(0, num_tokens - group.window + 1)
+            held = state.blocks[group.index].stored_from
+            if needed < held:
+                raise ValueError(
+                    f"cannot truncate {state.seq_id!r} to {num_tokens} tokens: a query after "
+                    f"them sees positions {needed}.. through its sliding window of "
+                    f"{group.window}, and the cache holds that layer group's K/V from position "
+                    f"{held} on (a sliding window keeps what a crop back into the last step, if "
+                    f"of at most {CROP_STEP} tokens, needs; pass keep= to step for more)"
+                )
+
     def rows(self, states: Sequence[SeqState]) -> np.ndarray:
         return np.fromiter(map(_ROW, states), np.int64, len(states))
 
@@ -131,69 +190,87 @@ class Sequences:
     def add(
         self,
         seq_id: Hashable,
-        blocks: list[KVCacheBlock],
+        blocks: Sequence[list[KVCacheBlock]],
         num_tokens: int,
         chain: PrefixChain,
         token_ids: Sequence[int] = (),
+        stored_from: Sequence[int] | None = None,
     ) -> SeqState:
-        """A new sequence holding `blocks` (whose references the caller took), with the ids
-        of its first tokens (a declared prompt may run past `num_tokens`)."""
+        """A new sequence holding `blocks[g]` in each group (whose references the caller took),
+        the K/V of positions `stored_from[g]` on (the entries of the blocks wholly before are
+        ABSENT), with the ids of its first tokens (a declared prompt may run past
+        `num_tokens`)."""
         row = self._rows.alloc()
-        state = SeqState(seq_id, row, KVCacheBlocks(self.table, self.allocator.blocks, row), chain)
-        state.blocks.extend(blocks)
-        state.blocks.set_num_tokens(num_tokens)
+        rows = []
+        for group, held, start in zip(
+            self.groups, blocks, stored_from or [0] * len(self.groups), strict=True
+        ):
+            view = KVCacheBlocks(group.table, group.allocator.blocks, row)
+            view.extend(held, start // self.block_size)
+            view.set_num_tokens(num_tokens)
+            group.table.stored_from[row] = start
+            rows.append(view)
+        state = SeqState(seq_id, row, tuple(rows), chain)
         self.tokens.clear_row(row)
         self.tokens.declare(row, token_ids)
         self._by_id[seq_id] = state
         return state
 
     def fork(self, parent: SeqState, child_id: Hashable) -> SeqState:
-        self.allocator.touch(parent.blocks.blocks)
-        child = self.add(child_id, [], 0, parent.chain.copy())
-        self.table.copy_rows(child.row, parent.row)
+        child = self.add(child_id, [[]] * len(self.groups), 0, parent.chain.copy())
+        for group, view in zip(self.groups, parent.blocks, strict=True):
+            group.allocator.touch(view.blocks)
+            group.table.copy_rows(child.row, parent.row)
+            group.maybe_shared.update((parent, child))
         self.tokens.copy_rows(child.row, parent.row)
-        self._maybe_shared.update((parent, child))
         return child
 
     def remove(self, state: SeqState) -> None:
         """Drop a sequence (its blocks' data stays, cached if registered)."""
-        self.allocator.free(state.blocks.blocks[::-1])
-        self._maybe_shared.discard(state)
+        for group, view in zip(self.groups, state.blocks, strict=True):
+            group.allocator.free(view.blocks[::-1])
+            group.maybe_shared.discard(state)
+            view.release()
         self._in_step.discard(state)
-        state.blocks.release()
         self.tokens.clear_row(state.row)
         self._rows.release(state.row)
         del self._by_id[state.seq_id]
 
     def truncate(self, state: SeqState, num_tokens: int) -> None:
         bs = self.block_size
-        self.allocator.free(state.blocks.truncate(-(-num_tokens // bs)))
-        state.blocks.set_num_tokens(num_tokens)
+        for group, view in zip(self.groups, state.blocks, strict=True):
+            group.allocator.free(view.truncate(-(-num_tokens // bs)))
+            view.set_num_tokens(num_tokens)
+            if num_tokens % bs:
+                last = view.last
+                if last.ref_count > 1:
+                    group.maybe_shared.add(state)  # the next write copies it
+                else:
+                    group.allocator.unregister(last)  # its tail will be overwritten in place
         self.tokens.truncate(state.row, num_tokens)
         state.chain.truncate(num_tokens, bs)
-        if num_tokens % bs:
-            last = state.blocks.last
-            if last.ref_count > 1:
-                self._maybe_shared.add(state)  # the next write copies it
-            else:
-                self.allocator.unregister(last)  # its tail will be overwritten in place
 
     def register_full_blocks(self, state: SeqState, num_tokens: int | None = None) -> None:
         """Register the sequence's full blocks (of its first `num_tokens` tokens, by default
-        all) whose ids are known and that are not keyed yet."""
-        if not self.allocator.enable_prefix_caching:
+        all) whose ids are known and that are not keyed yet, in every group that holds them
+        whole."""
+        if not self.groups[0].allocator.enable_prefix_caching:
             return
         bs = self.block_size
         row, keyed = state.row, state.chain.num_keyed
         if num_tokens is None:
-            num_tokens = state.blocks.num_tokens
+            num_tokens = int(self.lengths[row])
         full = self.tokens.num_full_known(row, num_tokens, bs)
         if full <= keyed:
             return
         keys = state.chain.extend(self.tokens.ids[row, keyed * bs : full * bs].tolist(), bs)
-        pool = self.allocator.blocks
-        for block_id, key in zip(self.table.ids[row, keyed:full].tolist(), keys):
-            self.allocator.register(pool[block_id], key)
+        for group in self.groups:
+            pool = group.allocator.blocks
+            first = max(keyed, -(-int(group.table.stored_from[row]) // bs))  # whole blocks
+            ids = group.table.ids[row, first:full].tolist()
+            for block_id, key in zip(ids, keys[first - keyed :]):
+                if block_id >= 0:
+                    group.allocator.register(pool[block_id], key)
 
     def reset_keys(self) -> None:
         """The prefix cache was reset: every sequence keys its blocks again."""
@@ -208,25 +285,28 @@ class Sequences:
             return
         rows = self.rows(states)
         dst_rows, src_rows = rows[changed], rows[src[changed]]
-        n = self.allocator.num_blocks
-        delta = self.table.block_counts(src_rows, n) - self.table.block_counts(dst_rows, n)
-        pool = self.allocator.blocks
-        for b in np.flatnonzero(delta > 0):  # add holders first: nothing is freed transiently
-            self.allocator.touch([pool[b]] * int(delta[b]))
-        for b in np.flatnonzero(delta < 0):
-            self.allocator.free([pool[b]] * int(-delta[b]))
-        self.table.copy_rows(dst_rows, src_rows)
-        self.tokens.copy_rows(dst_rows, src_rows)
-        old = [(s.chain, s in self._maybe_shared) for s in states]
         counts = np.bincount(src, minlength=len(states))
+        for group in self.groups:
+            pool = group.allocator.blocks
+            n = len(pool)
+            table = group.table
+            delta = table.block_counts(src_rows, n) - table.block_counts(dst_rows, n)
+            for b in np.flatnonzero(delta > 0):  # add holders first: nothing freed transiently
+                group.allocator.touch([pool[b]] * int(delta[b]))
+            for b in np.flatnonzero(delta < 0):
+                group.allocator.free([pool[b]] * int(-delta[b]))
+            table.copy_rows(dst_rows, src_rows)
+            shared = [s in group.maybe_shared for s in states]
+            for i in changed.tolist():
+                j = int(src[i])
+                if shared[j] or counts[j] > 1:
+                    group.maybe_shared.update((states[i], states[j]))
+                else:
+                    group.maybe_shared.discard(states[i])
+        self.tokens.copy_rows(dst_rows, src_rows)
+        chains = [s.chain for s in states]
         for i in changed.tolist():
-            j = int(src[i])
-            chain, shared = old[j]
-            states[i].chain = chain.copy()
-            if shared or counts[j] > 1:
-                self._maybe_shared.update((states[i], states[j]))
-            else:
-                self._maybe_shared.discard(states[i])
+            states[i].chain = chains[int(src[i])].copy()
 
     def grow(
         self,
@@ -235,66 +315,49 @@ class Sequences:
         num_new: np.ndarray,
         new_tokens: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None],
         forks: Sequence[Sequence[Hashable]] | None,
+        keep: int | None = None,
     ) -> Growth:
-        """Reserve `num_new[i]` more tokens for each sequence (of block-table row `rows[i]`),
-        then fork `forks[i]` off it. `new_tokens` is `ragged(num_new)` plus the new tokens'
-        ids (None: unknown) and the rows whose ids are unknown anyway (None: none).
+        """Reserve `num_new[i]` more tokens for each sequence (of row `rows[i]`), then fork
+        `forks[i]` off it. `new_tokens` is `ragged(num_new)` plus the new tokens' ids (None:
+        unknown) and the rows whose ids are unknown anyway (None: none). A sliding group keeps
+        what a crop of `keep` tokens needs (None: a short step's, see `_plan`).
 
-        All or nothing: `OutOfBlocksError` if the pool is short, and nothing changed. A shared
-        last block that a sequence writes into is copied first; when every holder of a block
-        writes into it in this step, the longest stays in place (nobody else reads the slots
-        it overwrites, so an undo can give the others their old block back).
+        All or nothing: `OutOfBlocksError` if a group's pool is short, and nothing changed. A
+        shared last block that a sequence writes into is copied first; when every holder of a
+        block writes into it in this step, the longest stays in place (nobody else reads the
+        slots it overwrites, so an undo can give the others their old block back).
         """
-        bs = self.block_size
-        table = self.table
-        lens = table.num_tokens[rows]
-        num_blocks = table.num_blocks[rows]
-        need = np.maximum((lens + num_new + bs - 1) // bs - num_blocks, 0)
-        copy, sole = self._plan_copies(states, lens, num_new)
-        total = int(need.sum()) + len(copy)
-        free = self.allocator.num_free_blocks
-        if total > free:
-            raise OutOfBlocksError(total, free, self.allocator.num_blocks, hint=SHORTAGE_HINT)
+        lens = self.lengths[rows]
+        ends = lens + num_new
+        if keep is None:  # a crop back into a short step; none into a long one
+            back = np.where(num_new <= CROP_STEP, num_new, 0)
+        else:
+            back = np.full(len(rows), keep, np.int64)
+        safe_end = np.maximum(ends - back, 0)
+        plans = [self._plan(group, states, rows, lens, ends, safe_end) for group in self.groups]
+        for group, (_, alloc, copy, _, _) in zip(self.groups, plans, strict=True):
+            total = int(alloc.sum()) + len(copy)
+            free = group.allocator.num_free_blocks
+            if total > free:
+                raise OutOfBlocksError(total, free, group.allocator.num_blocks, hint=SHORTAGE_HINT)
 
         # Past the last check: nothing below fails.
-        flagged = self._maybe_shared.intersection(states)
-        for i in sole:
-            state = states[i]
-            self._maybe_shared.discard(state)
-            last = state.blocks.last
-            if lens[i] % bs and last is not None:
-                # Registered for its full contents (truncated while shared); this step
-                # overwrites its tail, so it leaves the prefix index.
-                self.allocator.unregister(last)
-        copied = []
-        if copy:
-            pairs = []
-            for i, new in zip(copy, self.allocator.allocate(len(copy))):
-                state = states[i]
-                old = state.blocks.last
-                # The old block keeps this sequence's reference until the step ends: held
-                # for an undo.
-                state.blocks.replace_last(new)
-                self._maybe_shared.discard(state)
-                copied.append((state, old))
-                pairs.append((old.block_id, new.block_id))
-            self._cache.copy(pairs)
-        if total > len(copy):
-            table.append_blocks(rows, need, self.allocator.allocate(total - len(copy)))
-        ends = lens + num_new
-        table.num_tokens[rows] = ends
+        grown = [
+            self._grow_group(group, states, rows, lens, ends, plan)
+            for group, plan in zip(self.groups, plans, strict=True)
+        ]
+        for group in self.groups:
+            group.table.num_tokens[rows] = ends
         row_of, index, ids, unknown = new_tokens
         old_known = None
         if ids is not None or unknown is not None:
             pos = lens[row_of] + index
             old_known = self.tokens.record(rows, lens, ends, row_of, pos, ids, unknown)
-        growth = Growth(
-            states, rows, lens, num_new, num_blocks, row_of, index, old_known, flagged, copied
-        )
+        growth = Growth(states, rows, lens, num_new, row_of, index, old_known, grown)
         if forks is not None:
             growth.children = [
                 [self.fork(state, child_id) for child_id in ids]
-                for state, ids in zip(states, forks)
+                for state, ids in zip(states, forks, strict=True)
             ]
         self._open.append(growth)
         self._in_step.update(states)
@@ -302,26 +365,97 @@ class Sequences:
             self._in_step.update(children)
         return growth
 
+    def _plan(self, group: Group, states, rows, lens, ends, safe_end):
+        """(stored_from, blocks to allocate, copy-on-write, sole holders, release_to) of one
+        group for a step growing rows from `lens` to `ends` tokens. A sliding group stores
+        the new tokens that the window of position `safe_end` (the shortest a crop may leave)
+        or later queries see, and on commit releases the blocks wholly before that window."""
+        bs = self.block_size
+        table = group.table
+        if group.window is None:
+            stored_from, release_to = lens, None
+        else:
+            w = group.window
+            stored_from = np.maximum(lens, safe_end - w + 1)
+            release_to = np.maximum(safe_end - w + 1, 0) // bs
+        entries = table.num_blocks[rows]
+        need = np.maximum((ends + bs - 1) // bs - entries, 0)
+        absent_new = np.clip(stored_from // bs - entries, 0, need)
+        copy, sole = self._plan_copies(
+            group, states, lens, stored_from < ends, entries, stored_from
+        )
+        return stored_from, need - absent_new, copy, sole, release_to
+
+    def _grow_group(self, group: Group, states, rows, lens, ends, plan) -> GroupGrowth:
+        stored_from, alloc, copy, sole, release_to = plan
+        bs = self.block_size
+        table = group.table
+        entries = table.num_blocks[rows]
+        grown = GroupGrowth(
+            entries,
+            table.num_absent[rows],
+            table.stored_from[rows],
+            stored_from,
+            release_to,
+            group.maybe_shared.intersection(states),
+            [],
+        )
+        for i in sole:
+            state = states[i]
+            group.maybe_shared.discard(state)
+            last = state.blocks[group.index].last
+            if lens[i] % bs and last is not None:
+                # Registered for its full contents (truncated while shared); this step
+                # overwrites its tail, so it leaves the prefix index.
+                group.allocator.unregister(last)
+        if copy:
+            pairs = []
+            for i, new in zip(copy, group.allocator.allocate(len(copy)), strict=True):
+                state = states[i]
+                old = state.blocks[group.index].last
+                # The old block keeps this sequence's reference until the step ends: held for
+                # an undo.
+                state.blocks[group.index].replace_last(new)
+                group.maybe_shared.discard(state)
+                grown.copied.append((state, old))
+                pairs.append((old.block_id, new.block_id))
+            self._cache.copy(group.index, pairs)
+        need = np.maximum((ends + bs - 1) // bs - entries, 0)
+        if need.any():
+            absent = need - alloc
+            table.append_blocks(rows, need, absent, group.allocator.allocate(int(alloc.sum())))
+        if group.window is not None:  # a long step skips the new tokens before its last window
+            table.stored_from[rows] = np.where(
+                stored_from > lens, stored_from, table.stored_from[rows]
+            )
+        return grown
+
     def _plan_copies(
-        self, states: list[SeqState], lens: np.ndarray, num_new: np.ndarray
+        self,
+        group: Group,
+        states: list[SeqState],
+        lens: np.ndarray,
+        writes: np.ndarray,
+        entries: np.ndarray,
+        stored_from: np.ndarray,
     ) -> tuple[list[int], list[int]]:
-        """Which sequences copy their last block before writing (copy-on-write), and which
-        turn out to be its only holder."""
-        if not self._maybe_shared:
+        """Which sequences copy their last block before writing into it (copy-on-write), and
+        which turn out to be its only holder."""
+        if not group.maybe_shared:
             return [], []
         bs = self.block_size
         sole, writers = [], {}
         for i, state in enumerate(states):
-            if state not in self._maybe_shared:
+            if state not in group.maybe_shared:
                 continue
-            last = state.blocks.last
+            last = state.blocks[group.index].last
             if last is None or last.ref_count == 1:
                 sole.append(i)
-            elif num_new[i] and lens[i] % bs:
+            elif writes[i] and lens[i] % bs and stored_from[i] < entries[i] * bs:
                 writers.setdefault(last.block_id, []).append(i)
         copy = []
         for block_id, members in writers.items():
-            if self.allocator.blocks[block_id].ref_count == len(members):
+            if group.allocator.blocks[block_id].ref_count == len(members):
                 # Every holder writes into it here: the longest writes in place.
                 keep = max(members, key=lambda i: lens[i])
                 sole.append(keep)
@@ -331,18 +465,32 @@ class Sequences:
         return copy, sole
 
     def commit(self, growth: Growth) -> None:
-        """The step's K/V are written: register the blocks it filled, drop its holds."""
+        """The step's K/V are written: register the blocks it filled, release what a sliding
+        window no longer needs, drop the step's holds."""
         self._open.remove(growth)
-        self.allocator.free([old for _, old in growth.copied])
-        self.cow_copies += len(growth.copied)
+        for group, grown in zip(self.groups, growth.groups, strict=True):
+            group.allocator.free([old for _, old in grown.copied])
+            self.cow_copies += len(grown.copied)
         bs = self.block_size
         ends = growth.old_lens + growth.num_new
         filled = np.flatnonzero(ends // bs > growth.old_lens // bs)
         for i, end in zip(filled.tolist(), ends[filled].tolist()):
             self.register_full_blocks(growth.states[i], end)
-        for state, children in zip(growth.states, growth.children):
+        for state, children in zip(growth.states, growth.children, strict=False):
             for child in children:
                 child.chain = state.chain.copy()
+        for group, grown in zip(self.groups, growth.groups, strict=True):
+            if grown.release_to is not None:
+                rows, upto = growth.rows, grown.release_to
+                if growth.children:  # forks share the parent's entries: they release alike
+                    copies = np.fromiter((len(c) for c in growth.children), np.int64)
+                    rows = np.concatenate([rows, growth.child_rows()])
+                    upto = np.concatenate([upto, np.repeat(upto, copies)])
+                released = group.table.release_front(rows, upto)
+                table = group.table
+                table.stored_from[rows] = np.maximum(table.stored_from[rows], upto * bs)
+                pool = group.allocator.blocks
+                group.allocator.free([pool[i] for i in released.tolist() if i >= 0])
         self._release(growth)
 
     def undo(self, growth: Growth) -> None:
@@ -353,16 +501,22 @@ class Sequences:
                 self.remove(child)
         if growth.old_known is not None:
             self.tokens.restore(growth.rows, growth.old_known)
-        pool = self.allocator.blocks
-        dropped = self.table.cut_rows(growth.rows, growth.old_num_blocks)
-        self.allocator.free([pool[i] for i in dropped.tolist()])
-        for state, old in growth.copied:
-            copy = state.blocks.last
-            state.blocks.replace_last(old)  # its hold becomes the sequence's again
-            self.allocator.free([copy])
-        self.table.num_tokens[growth.rows] = growth.old_lens
-        self._maybe_shared.difference_update(growth.states)
-        self._maybe_shared.update(growth.flagged_before)
+        rows = growth.rows
+        for group, grown in zip(self.groups, growth.groups, strict=True):
+            table = group.table
+            pool = group.allocator.blocks
+            dropped = table.cut_rows(rows, grown.old_num_blocks)
+            group.allocator.free([pool[i] for i in dropped.tolist() if i >= 0])
+            for state, old in grown.copied:
+                view = state.blocks[group.index]
+                copy = view.last
+                view.replace_last(old)  # its hold becomes the sequence's again
+                group.allocator.free([copy])
+            table.num_tokens[rows] = growth.old_lens
+            table.num_absent[rows] = grown.old_num_absent
+            table.stored_from[rows] = grown.old_stored_from
+            group.maybe_shared.difference_update(growth.states)
+            group.maybe_shared.update(grown.flagged_before)
         self._release(growth)
 
     def _release(self, growth: Growth) -> None:
@@ -371,19 +525,20 @@ class Sequences:
             self._in_step.difference_update(children)
 
     # ---- checks ---------------------------------------------------------------------------
-    def holders(self) -> dict[int, int]:
-        """block id -> references held (by rows, and by open steps for their undo)."""
+    def holders(self, group: int) -> dict[int, int]:
+        """block id -> references held in a group (by rows, and by open steps for their undo)."""
         owners: dict[int, int] = {}
         bs = self.block_size
         for state in self._by_id.values():
-            assert len(state.blocks) == -(-state.blocks.num_tokens // bs), (
-                f"sequence {state.seq_id!r}: {len(state.blocks)} blocks for "
-                f"{state.blocks.num_tokens} tokens"
+            view = state.blocks[group]
+            assert len(view) == -(-view.num_tokens // bs), (
+                f"sequence {state.seq_id!r}: {len(view)} entries for {view.num_tokens} tokens"
             )
-            for b in state.blocks.block_ids:
-                owners[b] = owners.get(b, 0) + 1
+            for b in view.block_ids:
+                if b != ABSENT:
+                    owners[b] = owners.get(b, 0) + 1
         for growth in self._open:
-            for _, old in growth.copied:
+            for _, old in growth.groups[group].copied:
                 owners[old.block_id] = owners.get(old.block_id, 0) + 1
         return owners
 

@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-__all__ = ["KVCacheStats"]
+__all__ = ["GroupStats", "KVCacheStats"]
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """One KV cache group's pool (full attention, or one sliding window)."""
+
+    window: int | None
+    num_blocks: int
+    num_used_blocks: int
+    peak_used_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    evictions: int
+    bytes_per_block: int  # of this group: its layers' K and V of block_size tokens
+
+    @classmethod
+    def of(cls, window: int | None, allocator: Any, bytes_per_block: int) -> GroupStats:
+        return cls(
+            window,
+            allocator.num_blocks,
+            allocator.num_used_blocks,
+            allocator.peak_used_blocks,
+            allocator.num_free_blocks,
+            allocator.num_cached_blocks,
+            allocator.num_evictions,
+            bytes_per_block,
+        )
 
 
 @dataclass(frozen=True)
 class KVCacheStats:
-    """A snapshot of the manager's counters (`manager.stats`)."""
+    """A snapshot of the manager's counters (`manager.stats`). Block counts add up every KV
+    cache group; `groups` has each group's own."""
 
     num_blocks: int
     num_used_blocks: int
-    peak_used_blocks: int  # most blocks in use at once since creation or `reset_peak_usage()`
+    peak_used_blocks: int  # each group's most blocks in use at once, added up
     num_free_blocks: int
     num_cached_blocks: int  # registered in the prefix cache, in use or free
     num_seqs: int
@@ -24,6 +53,25 @@ class KVCacheStats:
     swapped_out_blocks: int
     swapped_in_blocks: int
     cow_copies: int  # blocks copied because a shared last block was written
+    # the most KV bytes held at once, every group together, since creation or a reset
+    peak_used_bytes: int = 0
+    groups: tuple[GroupStats, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def of(cls, groups: tuple[GroupStats, ...], **counters: int) -> KVCacheStats:
+        def total(name: str) -> int:
+            return sum(getattr(g, name) for g in groups)
+
+        return cls(
+            num_blocks=total("num_blocks"),
+            num_used_blocks=total("num_used_blocks"),
+            peak_used_blocks=total("peak_used_blocks"),
+            num_free_blocks=total("num_free_blocks"),
+            num_cached_blocks=total("num_cached_blocks"),
+            evictions=total("evictions"),
+            groups=groups,
+            **counters,
+        )
 
     @property
     def usage(self) -> float:
@@ -37,7 +85,8 @@ class KVCacheStats:
         """The counters, plus `usage` and `prefix_hit_rate` rounded to 4 decimals (a printed
         dict shows 0.5, not 0.49999999999999994; the counters give the exact ratio)."""
         return {
-            **asdict(self),
+            **{k: v for k, v in asdict(self).items() if k != "groups"},
+            "groups": [asdict(g) for g in self.groups],
             "usage": round(self.usage, 4),
             "prefix_hit_rate": round(self.prefix_hit_rate, 4),
         }

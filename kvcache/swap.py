@@ -1,6 +1,7 @@
 """The CPU swap space: which CPU blocks are free, and what each swapped-out sequence left there.
 
-The copies themselves are `KVCacheTransfer`'s; this module is the bookkeeping around them.
+The copies themselves are `KVCacheTransfer`'s (one per KV cache group); this module is the
+bookkeeping around them.
 """
 
 from __future__ import annotations
@@ -20,19 +21,24 @@ __all__ = ["SwapSpace", "SwappedSeq"]
 class SwappedSeq:
     """A sequence parked in CPU memory."""
 
-    cpu_blocks: tuple[int, ...]  # its blocks, in order
+    cpu_blocks: tuple[tuple[int, ...], ...]  # per group: its present blocks, in order
+    stored_from: tuple[int, ...]  # per group: the first position held (a sliding window's)
     num_tokens: int
     token_ids: tuple[int, ...]  # the ids known of its first positions
     extra_key: Hashable  # its prefix-cache namespace
 
 
 class SwapSpace:
-    """`num_cpu_blocks` CPU blocks (none: no swapping), their free list, and who holds which."""
+    """`num_cpu_blocks` CPU blocks per group (none: no swapping), their free lists, and who
+    holds which."""
 
     def __init__(self, cache: PagedKVCache, num_cpu_blocks: int) -> None:
+        groups = range(len(cache.config.groups))
         self.num_cpu_blocks = num_cpu_blocks
-        self.transfer = KVCacheTransfer(cache, num_cpu_blocks) if num_cpu_blocks else None
-        self._free = list(range(num_cpu_blocks - 1, -1, -1))
+        self.transfers = (
+            [KVCacheTransfer(cache, num_cpu_blocks, g) for g in groups] if num_cpu_blocks else None
+        )
+        self._free = [list(range(num_cpu_blocks - 1, -1, -1)) for _ in groups]
         self._swapped: dict[Hashable, SwappedSeq] = {}
         self.blocks_out = 0  # device blocks copied out, since creation
         self.blocks_in = 0
@@ -52,45 +58,58 @@ class SwapSpace:
     def store(
         self,
         seq_id: Hashable,
-        blocks: KVCacheBlocks,
+        blocks: Sequence[KVCacheBlocks],
         token_ids: Sequence[int],
         extra_key: Hashable,
     ) -> None:
-        """Copy a sequence's device blocks out. Raises (and changes nothing) without room."""
-        device_blocks = blocks.block_ids
-        if self.transfer is None:
+        """Copy a sequence's device blocks (one `KVCacheBlocks` per group) out. Raises, and
+        changes nothing, without room."""
+        if self.transfers is None:
             raise ValueError(
                 "swap_out needs CPU swap space; set num_cpu_blocks > 0 in KVCacheConfig"
             )
-        n = len(device_blocks)
-        if n > len(self._free):
-            raise OutOfBlocksError(
-                n,
-                len(self._free),
-                self.num_cpu_blocks,
-                hint="CPU swap space is full: raise num_cpu_blocks",
-            )
-        cpu = [self._free.pop() for _ in range(n)]
-        self.transfer.swap_out(device_blocks, cpu)
+        present = [[b for b in row.block_ids if b >= 0] for row in blocks]
+        for ids, free in zip(present, self._free, strict=True):
+            if len(ids) > len(free):
+                raise OutOfBlocksError(
+                    len(ids),
+                    len(free),
+                    self.num_cpu_blocks,
+                    hint="CPU swap space is full: raise num_cpu_blocks",
+                )
+        cpu = []
+        for ids, free, transfer in zip(present, self._free, self.transfers, strict=True):
+            cpu.append(tuple(free.pop() for _ in ids))
+            transfer.swap_out(ids, cpu[-1])
         self._swapped[seq_id] = SwappedSeq(
-            tuple(cpu), blocks.num_tokens, tuple(token_ids), extra_key
+            tuple(cpu),
+            tuple(row.stored_from for row in blocks),
+            blocks[0].num_tokens,
+            tuple(token_ids),
+            extra_key,
         )
-        self.blocks_out += n
+        self.blocks_out += sum(map(len, present))
 
-    def load(self, seq_id: Hashable, device_blocks: Sequence[int]) -> SwappedSeq:
-        """Copy a swapped sequence into `device_blocks` and release its CPU blocks."""
+    def load(self, seq_id: Hashable, device_blocks: Sequence[Sequence[int]]) -> SwappedSeq:
+        """Copy a swapped sequence into `device_blocks` (per group) and release its CPU
+        blocks."""
         swapped = self._swapped.pop(seq_id)
-        self.transfer.swap_in(swapped.cpu_blocks, device_blocks)
-        self._free.extend(swapped.cpu_blocks)
-        self.blocks_in += len(device_blocks)
+        for cpu, ids, free, transfer in zip(
+            swapped.cpu_blocks, device_blocks, self._free, self.transfers, strict=True
+        ):
+            transfer.swap_in(cpu, ids)
+            free.extend(cpu)
+        self.blocks_in += sum(map(len, device_blocks))
         return swapped
 
     def discard(self, seq_id: Hashable) -> None:
         """Forget a swapped sequence (freed without coming back)."""
-        self._free.extend(self._swapped.pop(seq_id).cpu_blocks)
+        for cpu, free in zip(self._swapped.pop(seq_id).cpu_blocks, self._free, strict=True):
+            free.extend(cpu)
 
     def check_invariants(self) -> None:
-        used = [b for s in self._swapped.values() for b in s.cpu_blocks]
-        assert len(set(used)) == len(used), "a CPU block is held by two swapped sequences"
-        assert not set(used) & set(self._free), "a CPU block is both free and held"
-        assert len(used) + len(self._free) == self.num_cpu_blocks
+        for g, free in enumerate(self._free):
+            used = [b for s in self._swapped.values() for b in s.cpu_blocks[g]]
+            assert len(set(used)) == len(used), "a CPU block is held by two swapped sequences"
+            assert not set(used) & set(free), "a CPU block is both free and held"
+            assert len(used) + len(free) == self.num_cpu_blocks

@@ -13,7 +13,7 @@ __all__ = ["KVCacheTransfer"]
 
 class KVCacheTransfer:
     """A CPU pool of `num_cpu_blocks` blocks (pinned once, up front, when CUDA is present) and
-    batched copies between it and a `PagedKVCache`.
+    batched copies between it and one group's pool of a `PagedKVCache`.
 
     The pool is block-major, so each block is one contiguous span on both sides and a batch of
     blocks moves with one gather and one scatter. On CUDA, copies run on a side stream; the
@@ -23,20 +23,22 @@ class KVCacheTransfer:
     CPU.
     """
 
-    def __init__(self, cache: PagedKVCache, num_cpu_blocks: int) -> None:
+    def __init__(self, cache: PagedKVCache, num_cpu_blocks: int, group: int = 0) -> None:
         if num_cpu_blocks < 1:
             raise ValueError(f"num_cpu_blocks={num_cpu_blocks} is invalid; expected >= 1 to swap")
         self.cache = cache
         self.num_cpu_blocks = num_cpu_blocks
-        pin = cache.pool.is_cuda and torch.cuda.is_available()
+        self._pool = cache.pools[group]  # this group's device pool and slot validity
+        self._valid = cache.slot_valid[group]
+        pin = self._pool.is_cuda and torch.cuda.is_available()
         self.cpu_pool = torch.zeros(
-            (num_cpu_blocks, *cache.pool.shape[1:]), dtype=cache.pool.dtype, pin_memory=pin
+            (num_cpu_blocks, *self._pool.shape[1:]), dtype=self._pool.dtype, pin_memory=pin
         )
         # The slots' validity travels with the blocks (a byte per token).
         self.cpu_valid = torch.ones(
             (num_cpu_blocks, cache.config.block_size), dtype=torch.bool, pin_memory=pin
         )
-        self._stream = torch.cuda.Stream(cache.pool.device) if cache.pool.is_cuda else None
+        self._stream = torch.cuda.Stream(self._pool.device) if self._pool.is_cuda else None
 
     def _index(self, ids: Sequence[int], device: torch.device) -> torch.Tensor:
         return torch.as_tensor(list(ids), dtype=torch.int64, device=device)
@@ -45,8 +47,8 @@ class KVCacheTransfer:
         """Copy device blocks to CPU blocks, pairwise. Complete when it returns: the device
         blocks are reused right away."""
         self._check(device_blocks, cpu_blocks)
-        self._copy(self.cache.pool, device_blocks, self.cpu_pool, cpu_blocks)
-        self._copy(self.cache.slot_valid, device_blocks, self.cpu_valid, cpu_blocks)
+        self._copy(self._pool, device_blocks, self.cpu_pool, cpu_blocks)
+        self._copy(self._valid, device_blocks, self.cpu_valid, cpu_blocks)
         if self._stream is not None:
             self._stream.synchronize()
 
@@ -54,10 +56,10 @@ class KVCacheTransfer:
         """Copy CPU blocks to device blocks, pairwise. The device's current stream waits for
         the copies before anything it runs later reads the blocks."""
         self._check(device_blocks, cpu_blocks)
-        self._copy(self.cpu_pool, cpu_blocks, self.cache.pool, device_blocks)
-        self._copy(self.cpu_valid, cpu_blocks, self.cache.slot_valid, device_blocks)
+        self._copy(self.cpu_pool, cpu_blocks, self._pool, device_blocks)
+        self._copy(self.cpu_valid, cpu_blocks, self._valid, device_blocks)
         if self._stream is not None:
-            torch.cuda.current_stream(self.cache.pool.device).wait_stream(self._stream)
+            torch.cuda.current_stream(self._pool.device).wait_stream(self._stream)
 
     def _copy(
         self, src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, dst_ids: Sequence[int]
@@ -69,7 +71,7 @@ class KVCacheTransfer:
             dst.index_copy_(0, self._index(dst_ids, dst.device), src.index_select(0, index))
             return
         # One contiguous span per block, straight between pinned and device memory.
-        self._stream.wait_stream(torch.cuda.current_stream(self.cache.pool.device))
+        self._stream.wait_stream(torch.cuda.current_stream(self._pool.device))
         with torch.cuda.stream(self._stream):
             for s, d in zip(src_ids, dst_ids):
                 dst[d].copy_(src[s], non_blocking=True)
@@ -80,7 +82,7 @@ class KVCacheTransfer:
                 f"swap needs as many CPU blocks as device blocks; got {len(cpu_blocks)} and "
                 f"{len(device_blocks)}"
             )
-        num_device = self.cache.config.num_blocks
+        num_device = self._pool.shape[0]
         bad = [b for b in device_blocks if not 0 <= b < num_device]
         if bad:
             raise ValueError(f"device block ids {bad} out of range 0..{num_device - 1}")

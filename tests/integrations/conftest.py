@@ -102,6 +102,10 @@ FAMILIES: dict[str, Callable[[], tf.PretrainedConfig]] = {
     "cohere2": lambda: tf.Cohere2Config(
         **_decoder(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
     ),
+    # attention sinks (s_aux); layers alternate sliding and full
+    "gpt_oss": lambda: tf.GptOssConfig(
+        **_decoder(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)
+    ),
     "smollm3": lambda: tf.SmolLM3Config(**_decoder()),
     "stablelm": lambda: tf.StableLmConfig(**_decoder()),
 }
@@ -204,7 +208,8 @@ def stock_vs_paged():
     Runs stock generate, enables paged attention (block_size 4 unless `enable` says otherwise),
     runs the same call under the same seed, and disables again. Outputs are dict-style
     (`return_dict_in_generate=True`, logits included). `run.blocks` then lists, per forward of
-    the paged call, (blocks in use, blocks the rows would hold without sharing).
+    the paged call, (blocks in use, blocks the rows would hold without sharing), of the first
+    KV cache group (full attention, unless every layer slides).
     """
 
     def record(manager, module, args, kwargs, output):
@@ -212,7 +217,7 @@ def stock_vs_paged():
         if cache is None:
             cache = kwargs.get("past_key_values")
         private = sum(-(-manager.seq_len(s) // manager.config.block_size) for s in cache.seq_ids)
-        run.blocks.append((manager.num_used_blocks, private))
+        run.blocks.append((manager.allocators[0].num_used_blocks, private))
 
     def run(model, inputs, seed=0, enable=None, **kwargs):
         kwargs = {

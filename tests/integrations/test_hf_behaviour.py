@@ -413,30 +413,6 @@ def test_chunked_prefill(llama, helpers):
     assert rec.widths[:4] == [4, 4, 4, 1], rec.widths
 
 
-def test_attention_sinks_refused():
-    """gpt_oss passes attention sinks (`s_aux`), which the paged kernel does not implement."""
-    import transformers as tf
-
-    config = tf.GptOssConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        layer_types=["sliding_attention", "full_attention"],
-        sliding_window=8,
-    )
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    impl = model.config._attn_implementation
-    with pytest.raises(ValueError, match=r"GptOssForCausalLM.*s_aux"):
-        enable_paged_attention(model, block_size=BS)
-    assert model.config._attn_implementation == impl and "generate" not in model.__dict__
-
-
 def test_probe_refuses_a_window_the_attention_does_not_get():
     """A config that slides a window the attention call never receives: refuse, don't guess."""
     import transformers as tf

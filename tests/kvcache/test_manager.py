@@ -587,12 +587,12 @@ def test_invalid_tokens_are_stored_but_never_attended_nor_cached():
         weights = torch.softmax(q[i, 0] @ k[keys, 0].T, dim=-1)
         torch.testing.assert_close(out[i, 0], weights @ v[keys, 0], atol=1e-5, rtol=0)
     assert mgr.stats.num_cached_blocks == 0 and mgr.token_ids("a") == []
-    assert mgr.cache.slot_valid.view(-1)[step.slot_mapping].tolist() == seen.tolist()
+    assert mgr.cache.slot_valid[0].view(-1)[step.slot_mapping].tolist() == seen.tolist()
     # Copy-on-write and swap carry the validity with the blocks.
     mgr.fork("a", "b")
     mgr.step(["a", "b"], 1, valid=[[True], [True]]).commit()
     table = mgr.block_tables(["b"])[0]
-    assert mgr.cache.slot_valid[table[1], :3].tolist() == [False, True, True]  # positions 4-6
+    assert mgr.cache.slot_valid[0][table[1], :3].tolist() == [False, True, True]  # positions 4-6
     mgr.check_invariants()
 
 

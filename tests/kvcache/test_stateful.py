@@ -5,6 +5,13 @@ back — written by itself, shared through fork or beam reorder, or found in the
 must equal that function of the tokens the model says the sequence holds. Forward steps are
 committed, or aborted at random points (before any write, after some layers, by an error or a
 `KeyboardInterrupt` inside the `with` block), and an aborted step must leave nothing changed.
+
+The machine runs on three layouts: every layer full attention, a hybrid (one full layer, two
+sliding windows) and every layer sliding. A sliding group must hold its window and no more:
+after each operation a sequence holds the K/V of its positions from `stored_from` on, which
+lies between the start of the block where the window of its last step's first query begins
+(everything wholly before was released) and that window's start (so a crop back into that
+step still works), and its attention over the step equals attention over the model's tokens.
 """
 
 import hypothesis.strategies as st
@@ -13,11 +20,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pagedkv.kvcache import KVCacheConfig, KVCacheManager, OutOfBlocksError
+from pagedkv.kvcache import sequences as sequences_module
 
 BASE = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
 token = st.integers(0, 30)
 PAD = 100  # the model holds a pad (a token stored invalid) as its token + PAD
-LAYERS = 2
+LAYERS = 3
+SPAN = 256  # K = token * SPAN + position: positions stay below it
+CROP_STEP = 3  # steps of more tokens are "long" here (a sliding group skips their early tokens)
+SCALE = 1e-4  # keeps the scores of K values in the thousands in a sane range
 
 
 class _Failure(Exception):
@@ -26,26 +37,39 @@ class _Failure(Exception):
 
 def kv_of(tokens: list[int], start: int, layer: int):
     pos = torch.arange(start, start + len(tokens), dtype=torch.float32)
-    val = torch.tensor(tokens, dtype=torch.float32) * 64 + pos + layer * 0.5
+    val = torch.tensor(tokens, dtype=torch.float32) * SPAN + pos + layer * 0.5
     k = val[:, None, None].expand(len(tokens), 1, 2).contiguous()
     return k, -k
 
 
 class ManagerMachine(RuleBasedStateMachine):
+    WINDOWS: tuple = (None, None, None)
+    NUM_BLOCKS: int | tuple = 14
+
     def __init__(self):
         super().__init__()
+        self._crop_step = sequences_module.CROP_STEP
+        sequences_module.CROP_STEP = CROP_STEP
         self.cfg = KVCacheConfig(
             num_layers=LAYERS,
             num_kv_heads=1,
             head_dim=2,
             block_size=2,
-            num_blocks=14,
+            num_blocks=self.NUM_BLOCKS,
             num_cpu_blocks=6,
+            layer_windows=self.WINDOWS,
         )
         self.mgr = KVCacheManager(self.cfg)
         self.tokens: dict[int, list[int]] = {}  # model: what each sequence holds
+        # model: per sequence, the first position of its last step (the end of a long one):
+        # a crop back to it or later must work, and a sliding group releases what no query
+        # from it on sees
+        self.floor: dict[int, int] = {}
         self.swapped: set[int] = set()
         self.next_id = 0
+
+    def teardown(self):
+        sequences_module.CROP_STEP = self._crop_step
 
     # ---- helpers ----------------------------------------------------------------------------
     def resident(self):
@@ -57,9 +81,11 @@ class ManagerMachine(RuleBasedStateMachine):
 
     def snapshot(self):
         ids = self.resident()
+        groups = range(len(self.cfg.groups))
         return (
-            self.mgr.num_free_blocks,
-            self.mgr.block_tables(ids).tolist() if ids else [],
+            [a.num_free_blocks for a in self.mgr.allocators],
+            [self.mgr.block_tables(ids, g).tolist() if ids else [] for g in groups],
+            [[self.mgr.get_blocks(s, g).stored_from for s in ids] for g in groups],
             self.mgr.seq_lens(ids).tolist() if ids else [],
             [self.mgr.token_ids(s) for s in ids],
             sorted(self.mgr.seq_ids, key=str),
@@ -67,7 +93,15 @@ class ManagerMachine(RuleBasedStateMachine):
         )
 
     def cached_keys(self):
-        return {b.block_hash for b in self.mgr.allocator.blocks if b.block_hash is not None}
+        return {
+            (g, b.block_hash)
+            for g, a in enumerate(self.mgr.allocators)
+            for b in a.blocks
+            if b.block_hash is not None
+        }
+
+    def long(self, n: int) -> bool:
+        return n > CROP_STEP
 
     def plan(self, data, ids=None):
         """Draw a step: sequences, new tokens each (0 allowed, some stored as invalid pads),
@@ -90,11 +124,13 @@ class ManagerMachine(RuleBasedStateMachine):
             "valid": valid,
             "forks": forks,
             "num_queries": window or None,
+            "keep": data.draw(st.sampled_from([None, None, 0, 1, 2, 5])),
         }
         return ids, counts, new, kwargs
 
-    def write_step(self, step, ids, counts, new, layers=LAYERS):
-        """What a forward writes: each row's new tokens at the end of its query window."""
+    def write_step(self, step, ids, counts, new, layers=LAYERS, attend=False):
+        """What a forward writes: each row's new tokens at the end of its query window. With
+        `attend`, each layer's attention through the step is checked against the model."""
         queries = step.slot_mapping.shape[0]
         starts = [len(self.tokens[s]) for s in ids]
         for layer in range(layers):
@@ -112,12 +148,65 @@ class ManagerMachine(RuleBasedStateMachine):
                         k[at + q - counts[i] : at + q] = rk
                 at += q
             step.write(layer, k, -k)
+            if attend:
+                self.check_attention(step, ids, new, layer)
 
-    def commit_model(self, ids, new, forks):
+    def check_attention(self, step, ids, new, layer):
+        """The step's attention at `layer` equals softmax attention over the model's tokens
+        (each query at its position, within the layer's window, pads hidden)."""
+        window = self.cfg.layer_windows[layer]
+        parent = {}
+        for i, seq in enumerate(ids):
+            parent[seq] = i
+        rows = list(step.seq_ids)
+        held, starts = {}, {}
+        for i, seq in enumerate(ids):
+            held[seq] = self.tokens[seq] + new[i]
+            starts[seq] = len(self.tokens[seq])
+        for seq in rows:  # forks: a copy of their parent, the planned sequence before them
+            if seq not in held:
+                src = max(
+                    (s for s in ids if step.seq_ids.index(s) < step.seq_ids.index(seq)),
+                    key=step.seq_ids.index,
+                )
+                held[seq], starts[seq] = held[src], starts[src]
+        lens = step.seq_lens.tolist()
+        qsl = step.query_start_loc
+        q_lens = [1] * len(rows) if qsl is None else (qsl[1:] - qsl[:-1]).tolist()
+        total = sum(q_lens)
+        query = torch.linspace(0.5, 1.5, total)[:, None, None].expand(total, 1, 2).contiguous()
+        out = step.attend(layer, query, scale=SCALE)
+        expected = torch.zeros(total, 1, 2)
+        at = 0
+        for seq, n, q in zip(rows, lens, q_lens, strict=True):
+            toks = held[seq]
+            assert len(toks) == n
+            k, v = kv_of(toks, 0, layer)
+            for j in range(q):
+                p = n - q + j
+                if window is not None and p < starts[seq]:
+                    # a pad query of a padded batch: a sliding group need not hold its window
+                    expected[at + j] = out[at + j]
+                    continue
+                lo = 0 if window is None else max(0, p - window + 1)
+                keep = [lo <= i <= p and toks[i] < PAD for i in range(n)]
+                if any(keep):
+                    mask = torch.tensor(keep)
+                    scores = (query[at + j, 0] * k[mask, 0]).sum(-1) * SCALE
+                    expected[at + j, 0] = torch.softmax(scores, 0) @ v[mask, 0]
+            at += q
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-2)
+
+    def commit_model(self, ids, new, forks, keep=None):
         for i, s in enumerate(ids):
+            n = len(new[i])
             self.tokens[s] = self.tokens[s] + new[i]
+            back = (0 if self.long(n) else n) if keep is None else keep
+            # a crop back to the end minus `back`, or to where an earlier step allowed
+            self.floor[s] = max(len(self.tokens[s]) - back, self.floor[s])
             for child in (forks or [[]] * len(ids))[i]:
                 self.tokens[child] = list(self.tokens[s])
+                self.floor[child] = self.floor[s]
 
     # ---- rules ------------------------------------------------------------------------------
     @rule(cut=st.integers(1, len(BASE)), tail=st.lists(token, max_size=3), with_ids=st.booleans())
@@ -127,6 +216,7 @@ class ManagerMachine(RuleBasedStateMachine):
         cached = self.mgr.allocate(seq, prompt)
         assert cached % self.cfg.block_size == 0 and cached < len(prompt)
         self.tokens[seq] = prompt[:cached]
+        self.floor[seq] = cached
         rest = prompt[cached:]
         before = self.snapshot()
         try:
@@ -134,11 +224,11 @@ class ManagerMachine(RuleBasedStateMachine):
         except OutOfBlocksError:
             assert self.snapshot() == before
             self.mgr.free(seq)  # a caller gives up on the prompt it declared
-            del self.tokens[seq]
+            del self.tokens[seq], self.floor[seq]
             return
         with step:
-            self.write_step(step, [seq], [len(rest)], [rest])
-        self.tokens[seq] = prompt
+            self.write_step(step, [seq], [len(rest)], [rest], attend=True)
+        self.commit_model([seq], [rest], None)
 
     @precondition(lambda self: self.resident())
     @rule(data=st.data())
@@ -151,9 +241,9 @@ class ManagerMachine(RuleBasedStateMachine):
             assert self.snapshot() == before
             return
         with step:
-            self.write_step(step, ids, counts, new)
+            self.write_step(step, ids, counts, new, attend=data.draw(st.booleans()))
         assert step.state == "committed"
-        self.commit_model(ids, new, kwargs["forks"])
+        self.commit_model(ids, new, kwargs["forks"], kwargs["keep"])
 
     @precondition(lambda self: self.resident())
     @rule(
@@ -204,19 +294,19 @@ class ManagerMachine(RuleBasedStateMachine):
         other = data.draw(st.sampled_from(others))
         if data.draw(st.booleans()):
             self.mgr.free(other)
-            del self.tokens[other]
+            del self.tokens[other], self.floor[other]
         else:
             extra = data.draw(st.lists(token, min_size=1, max_size=2))
             try:
                 with self.mgr.step([other], len(extra), token_ids=[extra]) as inner:
                     self.write_step(inner, [other], [len(extra)], [extra])
-                self.tokens[other] = self.tokens[other] + extra
+                self.commit_model([other], [extra], None)
             except OutOfBlocksError:
                 pass
         self.write_step(step, ids, counts, new)
         if commit:
             step.commit()
-            self.commit_model(ids, new, kwargs["forks"])
+            self.commit_model(ids, new, kwargs["forks"], kwargs["keep"])
         else:
             step.abort()
 
@@ -227,6 +317,7 @@ class ManagerMachine(RuleBasedStateMachine):
         child = self.new_id()
         self.mgr.fork(parent, child)
         self.tokens[child] = list(self.tokens[parent])
+        self.floor[child] = self.floor[parent]
 
     @precondition(lambda self: len(self.resident()) >= 2)
     @rule(data=st.data())
@@ -237,24 +328,34 @@ class ManagerMachine(RuleBasedStateMachine):
             st.lists(st.integers(0, len(group) - 1), min_size=len(group), max_size=len(group))
         )
         self.mgr.reorder(group, src)
-        old = [self.tokens[s] for s in group]
+        old = [(self.tokens[s], self.floor[s]) for s in group]
         for s, j in zip(group, src):
-            self.tokens[s] = list(old[j])
+            self.tokens[s] = list(old[j][0])
+            self.floor[s] = old[j][1]
 
     @precondition(lambda self: self.resident())
     @rule(data=st.data())
     def truncate(self, data):
         seq = data.draw(st.sampled_from(self.resident()))
         n = data.draw(st.integers(0, len(self.tokens[seq])))
-        self.mgr.truncate(seq, n)
+        before = self.snapshot()
+        try:
+            self.mgr.truncate(seq, n)
+        except ValueError as exc:
+            # Only a sliding window may refuse, and only a crop before the last step.
+            assert n < self.floor[seq], f"truncate to {n} refused (floor {self.floor[seq]}): {exc}"
+            assert "sliding window" in str(exc)
+            assert self.snapshot() == before
+            return
         self.tokens[seq] = self.tokens[seq][:n]
+        self.floor[seq] = min(self.floor[seq], n)
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def free(self, data):
         seq = data.draw(st.sampled_from(sorted(self.tokens)))
         self.mgr.free(seq)
-        del self.tokens[seq]
+        del self.tokens[seq], self.floor[seq]
         self.swapped.discard(seq)
 
     @precondition(lambda self: self.resident())
@@ -295,53 +396,89 @@ class ManagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_sequence_reads_back_its_tokens(self):
+        bs = self.cfg.block_size
         for seq in self.resident():
             toks = self.tokens[seq]
             assert self.mgr.seq_len(seq) == len(toks)
             known = self.mgr.token_ids(seq)
             n = min(len(known), len(toks))
             assert known[:n] == toks[:n], f"seq {seq}: the manager knows ids {known}, holds {toks}"
-            if not toks:
-                continue
-            tables, lens = self.mgr.block_tables([seq]), self.mgr.seq_lens([seq])
-            pos = torch.arange(len(toks))
-            valid = self.mgr.cache.slot_valid[
-                tables[0, pos // self.cfg.block_size].long(), pos % self.cfg.block_size
-            ]
-            expected = [t < PAD for t in toks]
-            if self.mgr.cache.has_holes:
-                assert valid.tolist() == expected, f"seq {seq}: slot validity differs"
-            else:
-                assert all(expected)
-            for layer in range(LAYERS):
-                k, v = self.mgr.cache.gather(layer, tables, lens)
-                ek, ev = kv_of(toks, 0, layer)
-                assert torch.equal(k, ek), f"seq {seq} layer {layer}: keys differ"
-                assert torch.equal(v, ev)
+            for g, group in enumerate(self.cfg.groups):
+                blocks = self.mgr.get_blocks(seq, g)
+                start = blocks.stored_from
+                if group.window is None:
+                    assert start == 0
+                else:  # the window of the last step's first query, and no block before it
+                    low = max(0, self.floor[seq] - group.window + 1)
+                    assert low // bs * bs <= start <= low, (
+                        f"seq {seq} group {g}: holds from {start}, window from {low}"
+                    )
+                table = blocks.block_ids
+                assert table[: blocks.num_absent] == [-1] * blocks.num_absent
+                assert blocks.num_absent == start // bs
+                assert all(b >= 0 for b in table[blocks.num_absent :])
+                if len(toks) <= start:
+                    continue
+                pos = torch.arange(start, len(toks))
+                ids = torch.tensor(table, dtype=torch.long)[pos // bs]
+                valid = self.mgr.cache.slot_valid[g][ids, pos % bs]
+                expected = [t < PAD for t in toks[start:]]
+                if self.mgr.cache.has_holes[g]:
+                    assert valid.tolist() == expected, f"seq {seq}: slot validity differs"
+                for layer in group.layers:
+                    ek, ev = kv_of(toks, 0, layer)
+                    k = self.mgr.cache.key_cache(layer)[ids, pos % bs]
+                    v = self.mgr.cache.value_cache(layer)[ids, pos % bs]
+                    assert torch.equal(k, ek[start:]), f"seq {seq} layer {layer}: keys differ"
+                    assert torch.equal(v, ev[start:])
+                if group.window is None and toks:  # the gather kernel reads the same
+                    tables, lens = self.mgr.block_tables([seq], g), self.mgr.seq_lens([seq])
+                    k, v = self.mgr.cache.gather(group.layers[0], tables, lens)
+                    assert torch.equal(k, kv_of(toks, 0, group.layers[0])[0])
 
     @invariant()
     def every_cached_block_holds_the_tokens_its_hash_names(self):
-        # K in layer 0 is token * 64 + position (positions stay below 64 here), so a block's
-        # contents spell out which tokens it holds, at which positions.
+        # K in the group's first layer is token * SPAN + position, so a block's contents spell
+        # out which tokens it holds, at which positions.
         bs = self.cfg.block_size
-        hashed = [b for b in self.mgr.allocator.blocks if b.block_hash is not None]
-        if not hashed:
-            return
-        ids = torch.tensor([b.block_id for b in hashed])
-        keys = self.mgr.cache.key_cache(0)[ids][:, :, 0, 0]
-        for block, k in zip(hashed, keys.tolist()):
-            tokens, pos = [int(x) // 64 for x in k], [int(x) % 64 for x in k]
-            assert tuple(tokens) == block.block_hash.token_ids, (
-                f"block {block.block_id} holds tokens {tokens}, registered as "
-                f"{block.block_hash.token_ids}"
-            )
-            assert pos[0] % bs == 0 and pos == list(range(pos[0], pos[0] + bs))
+        for g, allocator in enumerate(self.mgr.allocators):
+            hashed = [b for b in allocator.blocks if b.block_hash is not None]
+            if not hashed:
+                continue
+            ids = torch.tensor([b.block_id for b in hashed])
+            layer = self.cfg.groups[g].layers[0]
+            keys = self.mgr.cache.key_cache(layer)[ids][:, :, 0, 0] - layer * 0.5
+            for block, k in zip(hashed, keys.tolist()):
+                tokens, pos = [int(x) // SPAN for x in k], [int(x) % SPAN for x in k]
+                assert tuple(tokens) == block.block_hash.token_ids, (
+                    f"group {g} block {block.block_id} holds tokens {tokens}, registered as "
+                    f"{block.block_hash.token_ids}"
+                )
+                assert pos[0] % bs == 0 and pos == list(range(pos[0], pos[0] + bs))
 
 
 # max_examples comes from the loaded profile (tests/conftest.py).
-ManagerMachine.TestCase.settings = settings(
+class HybridMachine(ManagerMachine):
+    """One full layer, two sliding windows (a block and a half, two and a half)."""
+
+    WINDOWS = (None, 3, 5)
+    NUM_BLOCKS = (14, 10, 12)
+
+
+class SlidingMachine(ManagerMachine):
+    """Every layer sliding (mistral style): sequences outgrow the pool's tokens."""
+
+    WINDOWS = (4, 4, 4)
+    NUM_BLOCKS = 12
+
+
+_SETTINGS = settings(
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+for _machine in (ManagerMachine, HybridMachine, SlidingMachine):
+    _machine.TestCase.settings = _SETTINGS
 TestManagerStateful = ManagerMachine.TestCase
+TestHybridStateful = HybridMachine.TestCase
+TestSlidingStateful = SlidingMachine.TestCase
