@@ -35,9 +35,11 @@ class MemoryGauge:
         self.peak_bytes = 0
 
     def set_used(self, pool: int, blocks: int) -> None:
+        used = self.used_bytes + (blocks - self._used[pool]) * self._bytes_per_block[pool]
         self._used[pool] = blocks
-        self.used_bytes = sum(u * b for u, b in zip(self._used, self._bytes_per_block))
-        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+        self.used_bytes = used
+        if used > self.peak_bytes:
+            self.peak_bytes = used
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.used_bytes

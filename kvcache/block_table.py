@@ -41,22 +41,27 @@ class BlockTable(RowArrays):
         self,
         rows: np.ndarray,
         counts: np.ndarray,
-        absent: np.ndarray,
+        absent: np.ndarray | None,
         blocks: Sequence[KVCacheBlock],
     ) -> None:
-        """Append `counts[i]` entries to row `rows[i]`: `absent[i]` ABSENT ones, then the next
-        of `blocks`, in order."""
+        """Append `counts[i]` entries to row `rows[i]`: `absent[i]` ABSENT ones (None: none),
+        then the next of `blocks`, in order."""
         starts = self.num_blocks[rows]
         ends = starts + counts
         self.ensure_cols(int(ends.max()))
         ids = np.fromiter((b.block_id for b in blocks), np.int32, len(blocks))
-        if int(counts.max()) == 1 and not absent.any():  # a decode step: one block where due
+        if absent is not None and not absent.any():
+            absent = None
+        if absent is None and int(counts.max()) == 1:  # a decode step: one block where due
             grown = np.flatnonzero(counts)
             self.ids[rows[grown], starts[grown]] = ids
         else:
             row_of, index = ragged(counts)
-            entries = np.full(len(row_of), ABSENT, np.int32)
-            entries[index >= absent[row_of]] = ids
+            if absent is None:
+                entries = ids
+            else:
+                entries = np.full(len(row_of), ABSENT, np.int32)
+                entries[index >= absent[row_of]] = ids
             self.ids[rows[row_of], starts[row_of] + index] = entries
         self.num_blocks[rows] = ends
 

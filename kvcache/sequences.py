@@ -65,10 +65,10 @@ class GroupGrowth:
     """What a step changed in one group."""
 
     old_num_blocks: np.ndarray
-    old_num_absent: np.ndarray
-    old_stored_from: np.ndarray
+    old_num_absent: np.ndarray | None  # (sliding groups only)
+    old_stored_from: np.ndarray | None
     stored_from: np.ndarray  # per sequence: the first new position stored in this group
-    release_to: np.ndarray  # per sequence: on commit, entries before this are released
+    release_to: np.ndarray | None  # per sequence: on commit, entries before this are released
     flagged_before: set  # sequences marked maybe-shared before
     copied: list[tuple[SeqState, KVCacheBlock]]  # copy-on-write: the sequence, its old block
 
@@ -101,6 +101,7 @@ class Sequences:
             Group(g, grp.window, allocator, BlockTable())
             for g, (grp, allocator) in enumerate(zip(config.groups, allocators, strict=True))
         ]
+        self.sliding = any(g.window is not None for g in self.groups)
         self.tokens = TokenTable()
         self._rows = RowAllocator()
         self._cache = cache
@@ -266,7 +267,9 @@ class Sequences:
         keys = state.chain.extend(self.tokens.ids[row, keyed * bs : full * bs].tolist(), bs)
         for group in self.groups:
             pool = group.allocator.blocks
-            first = max(keyed, -(-int(group.table.stored_from[row]) // bs))  # whole blocks
+            first = keyed
+            if group.window is not None:  # from the first block it holds whole
+                first = max(keyed, -(-int(group.table.stored_from[row]) // bs))
             ids = group.table.ids[row, first:full].tolist()
             for block_id, key in zip(ids, keys[first - keyed :]):
                 if block_id >= 0:
@@ -329,13 +332,15 @@ class Sequences:
         """
         lens = self.lengths[rows]
         ends = lens + num_new
-        if keep is None:  # a crop back into a short step; none into a long one
-            back = np.where(num_new <= CROP_STEP, num_new, 0)
-        else:
-            back = np.full(len(rows), keep, np.int64)
-        safe_end = np.maximum(ends - back, 0)
+        safe_end = None
+        if self.sliding:
+            if keep is None:  # a crop back into a short step; none into a long one
+                back = np.where(num_new <= CROP_STEP, num_new, 0)
+            else:
+                back = np.full(len(rows), keep, np.int64)
+            safe_end = np.maximum(ends - back, 0)
         plans = [self._plan(group, states, rows, lens, ends, safe_end) for group in self.groups]
-        for group, (_, alloc, copy, _, _) in zip(self.groups, plans, strict=True):
+        for group, (_, alloc, copy, _, _, _) in zip(self.groups, plans, strict=True):
             total = int(alloc.sum()) + len(copy)
             free = group.allocator.num_free_blocks
             if total > free:
@@ -366,35 +371,36 @@ class Sequences:
         return growth
 
     def _plan(self, group: Group, states, rows, lens, ends, safe_end):
-        """(stored_from, blocks to allocate, copy-on-write, sole holders, release_to) of one
-        group for a step growing rows from `lens` to `ends` tokens. A sliding group stores
+        """(stored_from, blocks to allocate, copy-on-write, sole holders, release_to, new
+        entries) of one group for a step growing rows from `lens` to `ends` tokens. A sliding group stores
         the new tokens that the window of position `safe_end` (the shortest a crop may leave)
         or later queries see, and on commit releases the blocks wholly before that window."""
         bs = self.block_size
         table = group.table
-        if group.window is None:
-            stored_from, release_to = lens, None
-        else:
-            w = group.window
-            stored_from = np.maximum(lens, safe_end - w + 1)
-            release_to = np.maximum(safe_end - w + 1, 0) // bs
         entries = table.num_blocks[rows]
         need = np.maximum((ends + bs - 1) // bs - entries, 0)
+        if group.window is None:
+            copy, sole = self._plan_copies(group, states, lens, ends > lens, entries, lens)
+            return lens, need, copy, sole, None, need
+        w = group.window
+        stored_from = np.maximum(lens, safe_end - w + 1)
+        release_to = np.maximum(safe_end - w + 1, 0) // bs
         absent_new = np.clip(stored_from // bs - entries, 0, need)
         copy, sole = self._plan_copies(
             group, states, lens, stored_from < ends, entries, stored_from
         )
-        return stored_from, need - absent_new, copy, sole, release_to
+        return stored_from, need - absent_new, copy, sole, release_to, need
 
     def _grow_group(self, group: Group, states, rows, lens, ends, plan) -> GroupGrowth:
-        stored_from, alloc, copy, sole, release_to = plan
+        stored_from, alloc, copy, sole, release_to, need = plan
         bs = self.block_size
         table = group.table
         entries = table.num_blocks[rows]
+        sliding = group.window is not None
         grown = GroupGrowth(
             entries,
-            table.num_absent[rows],
-            table.stored_from[rows],
+            table.num_absent[rows] if sliding else None,
+            table.stored_from[rows] if sliding else None,
             stored_from,
             release_to,
             group.maybe_shared.intersection(states),
@@ -420,9 +426,8 @@ class Sequences:
                 grown.copied.append((state, old))
                 pairs.append((old.block_id, new.block_id))
             self._cache.copy(group.index, pairs)
-        need = np.maximum((ends + bs - 1) // bs - entries, 0)
         if need.any():
-            absent = need - alloc
+            absent = need - alloc if sliding else None
             table.append_blocks(rows, need, absent, group.allocator.allocate(int(alloc.sum())))
         if group.window is not None:  # a long step skips the new tokens before its last window
             table.stored_from[rows] = np.where(
@@ -513,8 +518,9 @@ class Sequences:
                 view.replace_last(old)  # its hold becomes the sequence's again
                 group.allocator.free([copy])
             table.num_tokens[rows] = growth.old_lens
-            table.num_absent[rows] = grown.old_num_absent
-            table.stored_from[rows] = grown.old_stored_from
+            if grown.old_num_absent is not None:
+                table.num_absent[rows] = grown.old_num_absent
+                table.stored_from[rows] = grown.old_stored_from
             group.maybe_shared.difference_update(growth.states)
             group.maybe_shared.update(grown.flagged_before)
         self._release(growth)

@@ -85,7 +85,8 @@ class Step:
             slots, new_slots, stored = _slots(
                 seqs.block_size, group.table.ids, growth, grown, shape
             )
-            cache.mark_valid(group.index, new_slots, None if valid is None else valid[stored])
+            kept = valid if valid is None or stored is None else valid[stored]
+            cache.mark_valid(group.index, new_slots, kept)
             self._slot_mappings.append(torch.from_numpy(slots).to(device))
             table = group.table.tables(shape.rows)
             if group.window is not None and shape.padded:
@@ -298,12 +299,12 @@ def _slots(
     block_size: int, table_ids: np.ndarray, growth: Growth, grown: GroupGrowth, shape: _Shape
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """In one group: the slot of each query (-1: writes nothing), the slots of the new tokens
-    it stores, in order, and which new tokens those are (a mask)."""
+    it stores, in order, and which new tokens those are (a mask; None: all)."""
     bs = block_size
     rows, lens = growth.rows, growth.old_lens
     if shape.new_at is None:
         slots = table_ids[rows, lens // bs].astype(np.int64) * bs + lens % bs
-        return slots, slots, np.ones(len(slots), bool)
+        return slots, slots, None
     seq_of = growth.row_of
     pos = lens[seq_of] + growth.index
     stored = pos >= grown.stored_from[seq_of]
