@@ -11,7 +11,7 @@ beams), every layer's `update` writes its K/V through the step and
 `attend` runs `paged_attention` on its blocks, and `end_forward` commits the step or, if the
 forward failed, aborts it, which leaves the rows as they were. Nothing is gathered and no tensor
 grows. (Models whose attention bypasses transformers' registry get contiguous K/V from `update`
-instead, through `gather_kv`: see `_gathered`.)
+instead, through `gather_kv`: see `_hf_gather`.)
 
 Queries are packed `[batch * q_len, heads, head_dim]` with `q_len` queries per row, so a row's
 left pads are queries before its first real token: when nothing precedes them they see no key
@@ -32,6 +32,7 @@ from pagedkv.kvcache import KVCacheManager, Step
 
 from . import _forward_context
 from ._hf_attention import NoBackward
+from ._hf_gather import padded_kv
 from ._hf_padding import check_positions, window_spans
 
 __all__ = ["PagedCache"]
@@ -134,13 +135,10 @@ class PagedCache(Cache):
 
     def _distinct_blocks(self) -> list[int]:
         """Per KV cache group: distinct blocks this cache's rows hold."""
-        counts = []
-        for g in range(len(self.manager.config.groups)):
-            ids: set[int] = set()
-            for seq_id in self._rows:
-                ids.update(b.block_id for b in self.manager.get_blocks(seq_id, g).blocks)
-            counts.append(len(ids))
-        return counts
+        return [
+            len({b.block_id for s in self._rows for b in self.manager.get_blocks(s, g).blocks})
+            for g in range(len(self.manager.config.groups))
+        ]
 
     @property
     def num_blocks(self) -> int:
@@ -343,7 +341,7 @@ class PagedCache(Cache):
         if layer_idx == 0:
             self._count(forward)
         if forward.gather:
-            key, value = self._gathered(layer_idx, forward, key_states.dtype)
+            key, value = padded_kv(forward, cfg, layer_idx, self._seen, key_states.dtype)
             if key_states.requires_grad and torch.is_grad_enabled():
                 key, value = (
                     NoBackward.apply(key_states, key),
@@ -354,39 +352,6 @@ class PagedCache(Cache):
         if isinstance(model_kwargs, dict):
             model_kwargs[_forward_context.CACHE_KWARG] = self
         return key_states, value_states
-
-    def _gathered(
-        self, layer_idx: int, forward: _Forward, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer K/V as `[batch, kv_heads, width, head_dim]`, each row's tokens right-aligned.
-
-        `width` is the length transformers sees (pads included), so the model's own padding
-        mask lines up: its pad columns are zeros here, its real columns are the row's tokens.
-        """
-        width = self._seen
-        step = forward.step
-        window = self.manager.config.layer_windows[layer_idx]
-        if window is not None:
-            raise NotImplementedError(
-                f"layer {layer_idx} has a sliding window of {window}: its KV cache group keeps "
-                "only that window, and a model whose attention reads contiguous K/V (outside "
-                "transformers' attention registry) would read all of them"
-            )
-        if forward.gather_index is None:  # once per step, shared by all layers
-            lens = step.seq_lens.to(torch.int64)
-            pos = torch.arange(width, device=lens.device)
-            rows = torch.arange(forward.batch, device=lens.device)[:, None] * width
-            forward.gather_index = (rows + pos)[pos >= width - lens[:, None]]
-        key, value = step.gather(layer_idx)
-        cfg = self.manager.config
-        shape = (forward.batch * width, cfg.num_kv_heads, cfg.head_dim)
-        padded = []
-        for packed in (key, value):
-            out = packed.new_zeros(shape)
-            out[forward.gather_index] = packed
-            out = out.view(forward.batch, width, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-            padded.append(out.to(dtype))
-        return padded[0], padded[1]
 
     @torch.compiler.disable
     def attend(

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ._rows import ragged
+
 __all__ = [
     "as_counts",
     "as_forks",
@@ -52,6 +54,48 @@ def as_forks(forks: object, n: int) -> list[list]:
     if len(set(children)) != len(children):
         raise ValueError(f"duplicate ids in forks {forks!r}")
     return forks
+
+
+def as_sources(src_indices: object, n: int) -> np.ndarray:
+    """Beam reorder sources: `n` integer indices in 0..n-1 (int64)."""
+    src = np.asarray(src_indices)
+    if (
+        src.ndim != 1
+        or src.shape[0] != n
+        or src.dtype.kind not in "iu"
+        or (src.size and (src.min() < 0 or src.max() >= n))
+    ):
+        raise ValueError(
+            f"src_indices must hold {n} integer indices in 0..{n - 1}; got {list(src_indices)!r}"
+        )
+    return src.astype(np.int64)
+
+
+def step_inputs(
+    num_tokens: object,
+    n: int,
+    token_ids: object,
+    valid: object,
+    num_queries: object,
+    keep: object,
+) -> tuple:
+    """A step's arguments for `n` sequences, checked: (new tokens per sequence, `ragged` of
+    them (row_of, index), their ids or None, their validity or None, rows holding a pad (bool
+    `[n]`) or None)."""
+    new = as_counts(num_tokens, n)
+    if num_queries is not None:
+        check_count("num_queries", num_queries, minimum=max(int(new.max()), 1))
+    if keep is not None:
+        check_count("keep", keep, minimum=0)
+    row_of, index = ragged(new)
+    flags = padded = None
+    if valid is not None:
+        flags = as_token_array(valid, new, kind="b", name="valid")
+        if not flags.all():  # rows with pads stored: their ids no longer name the slots
+            padded = np.zeros(n, bool)
+            padded[row_of[~flags]] = True
+    ids = None if token_ids is None else as_token_array(token_ids, new)
+    return new, (row_of, index), ids, flags, padded
 
 
 def check_position(num_tokens: object, length: int, what: str) -> None:

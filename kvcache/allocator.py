@@ -8,6 +8,7 @@ at the head of the free queue so they are reused before any cached prefix is evi
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from .block import BlockHash, FreeBlockQueue, KVCacheBlock
 
@@ -44,6 +45,11 @@ class MemoryGauge:
     def reset_peak(self) -> None:
         self.peak_bytes = self.used_bytes
 
+    def check_invariants(self, allocators: list[KVCacheAllocator]) -> None:
+        assert self.used_bytes == sum(
+            a.num_used_blocks * b for a, b in zip(allocators, self._bytes_per_block, strict=True)
+        )
+
 
 class KVCacheAllocator:
     """Owns every `KVCacheBlock`: allocation, ref counts, prefix-cache index, LRU eviction."""
@@ -67,6 +73,15 @@ class KVCacheAllocator:
         # Most blocks in use at once since creation or `reset_peak`.
         self.peak_used_blocks = 0
         self._gauge, self._pool = gauge, pool  # this pool's share of the bytes held
+
+    @classmethod
+    def pools(cls, config: Any) -> tuple[MemoryGauge, list[KVCacheAllocator]]:
+        """One allocator per KV cache group of a `KVCacheConfig`, and the gauge that counts
+        their bytes together."""
+        groups = range(len(config.groups))
+        gauge = MemoryGauge([config.group_bytes_per_block(g) for g in groups])
+        prefix = config.enable_prefix_caching
+        return gauge, [cls(config.group_blocks(g), prefix, gauge, pool=g) for g in groups]
 
     # ---- counts ---------------------------------------------------------------------------
     @property

@@ -67,13 +67,7 @@ class BlockTable(RowArrays):
 
     def cut_rows(self, rows: np.ndarray, num_blocks: np.ndarray) -> np.ndarray:
         """Rows keep their first `num_blocks[i]` blocks; returns the ids of those dropped."""
-        extra = self.num_blocks[rows] - num_blocks
-        if not extra.any():
-            return np.empty(0, np.int32)
-        row_of, index = ragged(extra)
-        cols = num_blocks[row_of] + index
-        dropped = self.ids[rows[row_of], cols]
-        self.ids[rows[row_of], cols] = PAD_BLOCK
+        dropped = self._take(rows, num_blocks, self.num_blocks[rows] - num_blocks, PAD_BLOCK)
         self.num_blocks[rows] = num_blocks
         return dropped
 
@@ -81,14 +75,20 @@ class BlockTable(RowArrays):
         """Rows mark their entries before `upto[i]` ABSENT; returns the ids released."""
         lo = self.num_absent[rows]
         count = np.maximum(np.minimum(upto, self.num_blocks[rows]) - lo, 0)
-        if not count.any():
-            return np.empty(0, np.int32)
-        row_of, index = ragged(count)
-        cols = lo[row_of] + index
-        released = self.ids[rows[row_of], cols]
-        self.ids[rows[row_of], cols] = ABSENT
+        released = self._take(rows, lo, count, ABSENT)
         self.num_absent[rows] = lo + count
         return released
+
+    def _take(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, fill: int):
+        """Set `counts[i]` entries of row `rows[i]` from `starts[i]` to `fill`; returns the ids
+        they held."""
+        if not counts.any():
+            return np.empty(0, np.int32)
+        row_of, index = ragged(counts)
+        cols = starts[row_of] + index
+        taken = self.ids[rows[row_of], cols]
+        self.ids[rows[row_of], cols] = fill
+        return taken
 
     def block_counts(self, rows: np.ndarray, pool_size: int) -> np.ndarray:
         """`[pool_size]` int64: how many times each block id appears in `rows`."""

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from . import _checks, display
-from ._rows import ragged
-from .allocator import KVCacheAllocator, MemoryGauge, OutOfBlocksError
+from .allocator import KVCacheAllocator
 from .block_table import KVCacheBlocks
 from .config import KVCacheConfig
 from .paged_cache import PagedKVCache
@@ -50,14 +49,8 @@ class KVCacheManager:
         self.config = config
         self.block_size = config.block_size
         self.cache = PagedKVCache(config)
-        groups = range(len(config.groups))
-        self._gauge = MemoryGauge([config.group_bytes_per_block(g) for g in groups])
-        self.allocators = [
-            KVCacheAllocator(
-                config.group_blocks(g), config.enable_prefix_caching, self._gauge, pool=g
-            )
-            for g in groups
-        ]
+        # one block pool per KV cache group, their bytes held counted together
+        self._gauge, self.allocators = KVCacheAllocator.pools(config)
         self._seqs = Sequences(self.allocators, self.cache)
         self._swap = SwapSpace(self.cache, config.num_cpu_blocks)
         self._prefix_queries = 0
@@ -84,11 +77,6 @@ class KVCacheManager:
         return self._swap.ids()
 
     @property
-    def allocator(self) -> KVCacheAllocator:
-        """The first KV cache group's block pool (the only one without sliding windows)."""
-        return self.allocators[0]
-
-    @property
     def num_free_blocks(self) -> int:
         """Free blocks, every group together."""
         return sum(a.num_free_blocks for a in self.allocators)
@@ -106,10 +94,7 @@ class KVCacheManager:
     def seq_len(self, seq_id: Hashable) -> int:
         if seq_id in self._swap:
             return self._swap.get(seq_id).num_tokens
-        return self.seq_len_of(self._get(seq_id))
-
-    def seq_len_of(self, state: SeqState) -> int:
-        return int(self._seqs.lengths[state.row])
+        return int(self._seqs.lengths[self._get(seq_id).row])
 
     def get_blocks(self, seq_id: Hashable, group: int = 0) -> KVCacheBlocks:
         """The sequence's `KVCacheBlocks` in a KV cache group (its block-table row)."""
@@ -185,23 +170,19 @@ class KVCacheManager:
         self._check_new_id(seq_id, "allocate")
         ids = [] if token_ids is None else _checks.as_token_list(token_ids)
         _checks.check_hashable(extra_key, "extra_key")
-        hits, keys, absent = [[] for _ in self.allocators], [], None
+        hits, keys, stored_from = [[] for _ in self.allocators], [], None
         if ids and self.config.enable_prefix_caching:
-            hits, keys, absent = lookup_prefix(
-                self.allocators,
-                [g.window for g in self.config.groups],
-                ids,
-                self.block_size,
-                extra_key,
+            windows = [g.window for g in self.config.groups]
+            hits, keys, stored_from = lookup_prefix(
+                self.allocators, windows, ids, self.block_size, extra_key
             )
             self._prefix_queries += len(ids)
             self._prefix_hits += len(keys) * self.block_size
         for allocator, held in zip(self.allocators, hits, strict=True):
             allocator.touch(held)
-        chain = PrefixChain(keys, extra_key)
-        stored_from = None if absent is None else [n * self.block_size for n in absent]
-        self._seqs.add(seq_id, hits, len(keys) * self.block_size, chain, ids, stored_from)
-        return len(keys) * self.block_size
+        cached = len(keys) * self.block_size
+        self._seqs.add(seq_id, hits, cached, PrefixChain(keys, extra_key), ids, stored_from)
+        return cached
 
     def step(
         self,
@@ -219,8 +200,9 @@ class KVCacheManager:
 
         `token_ids[i]` are sequence i's new tokens (known ids let full blocks join the prefix
         cache). `valid[i][j]` False stores token j but hides it from every query (a pad inside
-        a padded batch; its sequence's blocks stop joining the prefix cache). With `num_queries`, each row of the forward has that many queries, its new
-        tokens the last of them (padded batches); otherwise a row's queries are its new tokens.
+        a padded batch; its sequence's blocks stop joining the prefix cache). With
+        `num_queries`, each row of the forward has that many queries, its new tokens the last
+        of them (padded batches); otherwise a row's queries are its new tokens.
         `keep`: how many of the last tokens a later `truncate` may drop, on a model with
         sliding windows, which keep only what queries after the shortest such crop see. By
         default, a crop back into this step if it has at most `CROP_STEP` (64) tokens, none
@@ -231,21 +213,11 @@ class KVCacheManager:
         states = self._get_free(seq_ids, "step")
         if not states:
             raise ValueError("a step needs at least one sequence; got none")
-        new = _checks.as_counts(num_tokens, len(states))
-        if num_queries is not None:
-            _checks.check_count("num_queries", num_queries, minimum=max(int(new.max()), 1))
-        if keep is not None:
-            _checks.check_count("keep", keep, minimum=0)
-        row_of, index = ragged(new)
+        new, (row_of, index), ids, flags, unknown = _checks.step_inputs(
+            num_tokens, len(states), token_ids, valid, num_queries, keep
+        )
         rows = self._seqs.rows(states)
-        ids = unknown = flags = None
-        if valid is not None:
-            flags = _checks.as_token_array(valid, new, kind="b", name="valid")
-            if not flags.all():  # rows with pads stored: their ids no longer name the slots
-                unknown = np.zeros(len(states), bool)
-                unknown[row_of[~flags]] = True
-        if token_ids is not None:
-            ids = _checks.as_token_array(token_ids, new)
+        if ids is not None:
             self._seqs.check_agrees(states, rows, row_of, index, ids, unknown)
         if forks is not None:
             forks = _checks.as_forks(forks, len(states))
@@ -282,18 +254,7 @@ class KVCacheManager:
         Only ref counts change; a shared last block is copied later, by the step writing it.
         """
         states = self._get_free(seq_ids, "reorder")
-        src = np.asarray(src_indices)
-        if (
-            src.ndim != 1
-            or src.shape[0] != len(states)
-            or src.dtype.kind not in "iu"
-            or (src.size and (src.min() < 0 or src.max() >= len(states)))
-        ):
-            raise ValueError(
-                f"src_indices must hold {len(states)} integer indices in 0..{len(states) - 1}; "
-                f"got {list(src_indices)!r}"
-            )
-        self._seqs.reorder(states, src.astype(np.int64))
+        self._seqs.reorder(states, _checks.as_sources(src_indices, len(states)))
 
     def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
         """Keep only the first `num_tokens` tokens (assisted decoding rejects drafts this way).
@@ -301,7 +262,9 @@ class KVCacheManager:
         Dropped full blocks that are registered stay findable in the prefix cache.
         """
         (state,) = self._get_free([seq_id], "truncate")
-        _checks.check_position(num_tokens, self.seq_len_of(state), f"cannot truncate {seq_id!r} to")
+        _checks.check_position(
+            num_tokens, int(self._seqs.lengths[state.row]), f"cannot truncate {seq_id!r} to"
+        )
         self._seqs.check_truncate(state, int(num_tokens))
         self._seqs.truncate(state, int(num_tokens))
 
@@ -326,14 +289,7 @@ class KVCacheManager:
             if seq_id in self:
                 raise ValueError(f"sequence {seq_id!r} is not swapped out")
             self._get(seq_id)  # unknown id: raises
-        parked = self._swap.get(seq_id)
-        for allocator, cpu in zip(self.allocators, parked.cpu_blocks, strict=True):
-            if len(cpu) > allocator.num_free_blocks:
-                raise OutOfBlocksError(
-                    len(cpu), allocator.num_free_blocks, allocator.num_blocks, hint=SHORTAGE_HINT
-                )
-        blocks = [a.allocate(len(cpu)) for a, cpu in zip(self.allocators, parked.cpu_blocks)]
-        swapped = self._swap.load(seq_id, [[b.block_id for b in held] for held in blocks])
+        blocks, swapped = self._swap.load(seq_id, self.allocators, SHORTAGE_HINT)
         chain = PrefixChain((), swapped.extra_key)  # new blocks: keyed and registered afresh
         state = self._seqs.add(
             seq_id, blocks, swapped.num_tokens, chain, swapped.token_ids, swapped.stored_from
@@ -361,12 +317,8 @@ class KVCacheManager:
 
     @property
     def stats(self) -> KVCacheStats:
-        groups = tuple(
-            GroupStats.of(group.window, allocator, self.config.group_bytes_per_block(g))
-            for g, (group, allocator) in enumerate(zip(self.config.groups, self.allocators))
-        )
         return KVCacheStats.of(
-            groups,
+            GroupStats.of_pools(self.config, self.allocators),
             num_seqs=len(self._seqs),
             num_swapped_seqs=len(self._swap),
             prefix_queries=self._prefix_queries,
@@ -383,10 +335,7 @@ class KVCacheManager:
         for g, allocator in enumerate(self.allocators):
             allocator.check_invariants(self._seqs.holders(g))
         self._swap.check_invariants()
-        assert self._gauge.used_bytes == sum(
-            a.num_used_blocks * self.config.group_bytes_per_block(g)
-            for g, a in enumerate(self.allocators)
-        )
+        self._gauge.check_invariants(self.allocators)
 
     # ---- display --------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -150,7 +150,7 @@ def lookup_prefix(
     extra_key: Hashable,
 ) -> tuple[list[list[KVCacheBlock]], list[BlockHash], list[int]]:
     """The longest prefix of full blocks of `ids` every KV cache group holds cached: (per group
-    the cached blocks to take, the prefix's keys, per group the leading entries left absent).
+    the cached blocks to take, the prefix's keys, per group the first position they hold).
 
     A full-attention group needs every block of the prefix; a sliding group only those the
     next query's window reaches (the blocks covering the last `window - 1` positions). At
@@ -170,5 +170,6 @@ def lookup_prefix(
     for n in range(len(keys), 0, -1):  # the longest prefix every group can serve
         firsts = [0 if w is None else max(0, n * block_size - w + 1) // block_size for w in windows]
         if all(all(b is not None for b in f[first:n]) for f, first in zip(found, firsts)):
-            return [f[first:n] for f, first in zip(found, firsts)], keys[:n], firsts
+            starts = [first * block_size for first in firsts]
+            return [f[first:n] for f, first in zip(found, firsts)], keys[:n], starts
     return [[] for _ in allocators], [], [0] * len(allocators)

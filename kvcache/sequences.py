@@ -2,17 +2,11 @@
 
 This registry is the one writer of block-table rows and of the ref counts sequences hold, so a
 row and its blocks' counts always change together. Each KV cache group (full attention, or one
-sliding window) has its own allocator and block table; a sequence has one row number, the same
-in every table. The registry also plans the growth of a forward step (new blocks, copy-on-write
-of a shared last block, forks) all or nothing, and commits or undoes it. Arguments are
-trusted: `KVCacheManager` validates them first.
-
-A sliding-window group keeps only what future queries can see, and what a crop may need. A
-step has a "safe end", the shortest length a crop may leave: by default its start when it has
-at most `CROP_STEP` tokens (assisted decoding crops back into its candidates), its end when it
-is longer (a prompt); `keep` moves it to `keep` tokens before the end. The group stores the
-new tokens from `stored_from` on (those the window of the safe end, or later, sees), and on
-commit the blocks wholly before that window go back to the pool (their entries become ABSENT).
+sliding window) has its own allocator and block table (`groups.py`); a sequence has one row
+number, the same in every table. The registry also plans the growth of a forward step (new
+blocks, copy-on-write of a shared last block, forks, what a sliding window keeps) all or
+nothing, and commits or undoes it. Arguments are trusted: `KVCacheManager` validates them
+first.
 """
 
 from __future__ import annotations
@@ -28,25 +22,13 @@ from .allocator import KVCacheAllocator, OutOfBlocksError
 from .block import KVCacheBlock
 from .block_table import ABSENT, BlockTable, KVCacheBlocks
 from .config import CROP_STEP
+from .groups import Group, GroupGrowth, safe_ends
 from .paged_cache import PagedKVCache
 from .prefix import PrefixChain, TokenTable
 
-__all__ = ["CROP_STEP", "Group", "Growth", "SeqState", "Sequences"]
+__all__ = ["Growth", "SeqState", "Sequences"]
 
 SHORTAGE_HINT = "raise num_blocks (or memory_budget_bytes), shorten the sequences, or free some"
-
-
-@dataclass(eq=False)
-class Group:
-    """One KV cache group's share of the registry."""
-
-    index: int
-    window: int | None  # sliding window, None: full attention
-    allocator: KVCacheAllocator
-    table: BlockTable
-    # Sequences whose last block may have other holders: checked for copy-on-write when a step
-    # writes into it.
-    maybe_shared: set = field(default_factory=set)
 
 
 @dataclass(slots=True, eq=False)
@@ -58,19 +40,6 @@ class SeqState:
     row: int
     blocks: tuple[KVCacheBlocks, ...]
     chain: PrefixChain
-
-
-@dataclass(slots=True, eq=False)
-class GroupGrowth:
-    """What a step changed in one group."""
-
-    old_num_blocks: np.ndarray
-    old_num_absent: np.ndarray | None  # (sliding groups only)
-    old_stored_from: np.ndarray | None
-    stored_from: np.ndarray  # per sequence: the first new position stored in this group
-    release_to: np.ndarray | None  # per sequence: on commit, entries before this are released
-    flagged_before: set  # sequences marked maybe-shared before
-    copied: list[tuple[SeqState, KVCacheBlock]]  # copy-on-write: the sequence, its old block
 
 
 @dataclass(slots=True, eq=False)
@@ -98,7 +67,7 @@ class Sequences:
         config = cache.config
         self.block_size = config.block_size
         self.groups = [
-            Group(g, grp.window, allocator, BlockTable())
+            Group(g, grp.window, allocator, BlockTable(), config.block_size)
             for g, (grp, allocator) in enumerate(zip(config.groups, allocators, strict=True))
         ]
         self.sliding = any(g.window is not None for g in self.groups)
@@ -323,7 +292,7 @@ class Sequences:
         """Reserve `num_new[i]` more tokens for each sequence (of row `rows[i]`), then fork
         `forks[i]` off it. `new_tokens` is `ragged(num_new)` plus the new tokens' ids (None:
         unknown) and the rows whose ids are unknown anyway (None: none). A sliding group keeps
-        what a crop of `keep` tokens needs (None: a short step's, see `_plan`).
+        what a crop of `keep` tokens needs (None: a short step's; see `groups.safe_ends`).
 
         All or nothing: `OutOfBlocksError` if a group's pool is short, and nothing changed. A
         shared last block that a sequence writes into is copied first; when every holder of a
@@ -332,23 +301,17 @@ class Sequences:
         """
         lens = self.lengths[rows]
         ends = lens + num_new
-        safe_end = None
-        if self.sliding:
-            if keep is None:  # a crop back into a short step; none into a long one
-                back = np.where(num_new <= CROP_STEP, num_new, 0)
-            else:
-                back = np.full(len(rows), keep, np.int64)
-            safe_end = np.maximum(ends - back, 0)
-        plans = [self._plan(group, states, rows, lens, ends, safe_end) for group in self.groups]
-        for group, (_, alloc, copy, _, _, _) in zip(self.groups, plans, strict=True):
-            total = int(alloc.sum()) + len(copy)
+        safe_end = safe_ends(num_new, ends, keep) if self.sliding else None
+        plans = [group.plan(states, rows, lens, ends, safe_end) for group in self.groups]
+        for group, plan in zip(self.groups, plans, strict=True):
+            total = int(plan.alloc.sum()) + len(plan.copy)
             free = group.allocator.num_free_blocks
             if total > free:
                 raise OutOfBlocksError(total, free, group.allocator.num_blocks, hint=SHORTAGE_HINT)
 
         # Past the last check: nothing below fails.
         grown = [
-            self._grow_group(group, states, rows, lens, ends, plan)
+            group.grow(states, rows, lens, plan, self._cache)
             for group, plan in zip(self.groups, plans, strict=True)
         ]
         for group in self.groups:
@@ -369,105 +332,6 @@ class Sequences:
         for children in growth.children:
             self._in_step.update(children)
         return growth
-
-    def _plan(self, group: Group, states, rows, lens, ends, safe_end):
-        """(stored_from, blocks to allocate, copy-on-write, sole holders, release_to, new
-        entries) of one group for a step growing rows from `lens` to `ends` tokens. A sliding group stores
-        the new tokens that the window of position `safe_end` (the shortest a crop may leave)
-        or later queries see, and on commit releases the blocks wholly before that window."""
-        bs = self.block_size
-        table = group.table
-        entries = table.num_blocks[rows]
-        need = np.maximum((ends + bs - 1) // bs - entries, 0)
-        if group.window is None:
-            copy, sole = self._plan_copies(group, states, lens, ends > lens, entries, lens)
-            return lens, need, copy, sole, None, need
-        w = group.window
-        stored_from = np.maximum(lens, safe_end - w + 1)
-        release_to = np.maximum(safe_end - w + 1, 0) // bs
-        absent_new = np.clip(stored_from // bs - entries, 0, need)
-        copy, sole = self._plan_copies(
-            group, states, lens, stored_from < ends, entries, stored_from
-        )
-        return stored_from, need - absent_new, copy, sole, release_to, need
-
-    def _grow_group(self, group: Group, states, rows, lens, ends, plan) -> GroupGrowth:
-        stored_from, alloc, copy, sole, release_to, need = plan
-        bs = self.block_size
-        table = group.table
-        entries = table.num_blocks[rows]
-        sliding = group.window is not None
-        grown = GroupGrowth(
-            entries,
-            table.num_absent[rows] if sliding else None,
-            table.stored_from[rows] if sliding else None,
-            stored_from,
-            release_to,
-            group.maybe_shared.intersection(states),
-            [],
-        )
-        for i in sole:
-            state = states[i]
-            group.maybe_shared.discard(state)
-            last = state.blocks[group.index].last
-            if lens[i] % bs and last is not None:
-                # Registered for its full contents (truncated while shared); this step
-                # overwrites its tail, so it leaves the prefix index.
-                group.allocator.unregister(last)
-        if copy:
-            pairs = []
-            for i, new in zip(copy, group.allocator.allocate(len(copy)), strict=True):
-                state = states[i]
-                old = state.blocks[group.index].last
-                # The old block keeps this sequence's reference until the step ends: held for
-                # an undo.
-                state.blocks[group.index].replace_last(new)
-                group.maybe_shared.discard(state)
-                grown.copied.append((state, old))
-                pairs.append((old.block_id, new.block_id))
-            self._cache.copy(group.index, pairs)
-        if need.any():
-            absent = need - alloc if sliding else None
-            table.append_blocks(rows, need, absent, group.allocator.allocate(int(alloc.sum())))
-        if group.window is not None:  # a long step skips the new tokens before its last window
-            table.stored_from[rows] = np.where(
-                stored_from > lens, stored_from, table.stored_from[rows]
-            )
-        return grown
-
-    def _plan_copies(
-        self,
-        group: Group,
-        states: list[SeqState],
-        lens: np.ndarray,
-        writes: np.ndarray,
-        entries: np.ndarray,
-        stored_from: np.ndarray,
-    ) -> tuple[list[int], list[int]]:
-        """Which sequences copy their last block before writing into it (copy-on-write), and
-        which turn out to be its only holder."""
-        if not group.maybe_shared:
-            return [], []
-        bs = self.block_size
-        sole, writers = [], {}
-        for i, state in enumerate(states):
-            if state not in group.maybe_shared:
-                continue
-            last = state.blocks[group.index].last
-            if last is None or last.ref_count == 1:
-                sole.append(i)
-            elif writes[i] and lens[i] % bs and stored_from[i] < entries[i] * bs:
-                writers.setdefault(last.block_id, []).append(i)
-        copy = []
-        for block_id, members in writers.items():
-            if group.allocator.blocks[block_id].ref_count == len(members):
-                # Every holder writes into it here: the longest writes in place.
-                keep = max(members, key=lambda i: lens[i])
-                sole.append(keep)
-                copy += [i for i in members if i != keep]
-            else:
-                copy += members
-        return copy, sole
 
     def commit(self, growth: Growth) -> None:
         """The step's K/V are written: register the blocks it filled, release what a sliding
@@ -491,11 +355,7 @@ class Sequences:
                     copies = np.fromiter((len(c) for c in growth.children), np.int64)
                     rows = np.concatenate([rows, growth.child_rows()])
                     upto = np.concatenate([upto, np.repeat(upto, copies)])
-                released = group.table.release_front(rows, upto)
-                table = group.table
-                table.stored_from[rows] = np.maximum(table.stored_from[rows], upto * bs)
-                pool = group.allocator.blocks
-                group.allocator.free([pool[i] for i in released.tolist() if i >= 0])
+                group.release(grown, rows, upto)
         self._release(growth)
 
     def undo(self, growth: Growth) -> None:
@@ -506,23 +366,8 @@ class Sequences:
                 self.remove(child)
         if growth.old_known is not None:
             self.tokens.restore(growth.rows, growth.old_known)
-        rows = growth.rows
         for group, grown in zip(self.groups, growth.groups, strict=True):
-            table = group.table
-            pool = group.allocator.blocks
-            dropped = table.cut_rows(rows, grown.old_num_blocks)
-            group.allocator.free([pool[i] for i in dropped.tolist() if i >= 0])
-            for state, old in grown.copied:
-                view = state.blocks[group.index]
-                copy = view.last
-                view.replace_last(old)  # its hold becomes the sequence's again
-                group.allocator.free([copy])
-            table.num_tokens[rows] = growth.old_lens
-            if grown.old_num_absent is not None:
-                table.num_absent[rows] = grown.old_num_absent
-                table.stored_from[rows] = grown.old_stored_from
-            group.maybe_shared.difference_update(growth.states)
-            group.maybe_shared.update(grown.flagged_before)
+            group.undo(grown, growth.states, growth.rows, growth.old_lens)
         self._release(growth)
 
     def _release(self, growth: Growth) -> None:

@@ -22,6 +22,14 @@ class GroupStats:
     bytes_per_block: int  # of this group: its layers' K and V of block_size tokens
 
     @classmethod
+    def of_pools(cls, config: Any, allocators: list) -> tuple[GroupStats, ...]:
+        """Each group's stats, from the config's groups and their allocators."""
+        return tuple(
+            cls.of(group.window, allocator, config.group_bytes_per_block(g))
+            for g, (group, allocator) in enumerate(zip(config.groups, allocators, strict=True))
+        )
+
+    @classmethod
     def of(cls, window: int | None, allocator: Any, bytes_per_block: int) -> GroupStats:
         return cls(
             window,
@@ -100,4 +108,15 @@ class KVCacheStats:
             f"{self.prefix_queries} prompt tokens found ({self.prefix_hit_rate:.1%}), "
             f"{self.evictions} evictions; {self.cow_copies} copy-on-write copies; swapped "
             f"{self.swapped_out_blocks} blocks out, {self.swapped_in_blocks} in"
+            + self._groups_text()
         )
+
+    def _groups_text(self) -> str:
+        if len(self.groups) < 2:
+            return ""
+        parts = [
+            f"{'full attention' if g.window is None else f'window {g.window}'} "
+            f"{g.num_used_blocks}/{g.num_blocks} (peak {g.peak_used_blocks})"
+            for g in self.groups
+        ]
+        return f"; per group: {', '.join(parts)}"

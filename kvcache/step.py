@@ -23,8 +23,9 @@ from types import TracebackType
 import numpy as np
 import torch
 
+from .groups import GroupGrowth
 from .paged_cache import PagedKVCache
-from .sequences import GroupGrowth, Growth, Sequences
+from .sequences import Growth, Sequences
 from .window import WindowAttention
 
 __all__ = ["Step"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
-from .allocator import OutOfBlocksError
+from .allocator import KVCacheAllocator, OutOfBlocksError
+from .block import KVCacheBlock
 from .block_table import KVCacheBlocks
 from .paged_cache import PagedKVCache
 from .transfer import KVCacheTransfer
@@ -90,17 +91,27 @@ class SwapSpace:
         )
         self.blocks_out += sum(map(len, present))
 
-    def load(self, seq_id: Hashable, device_blocks: Sequence[Sequence[int]]) -> SwappedSeq:
-        """Copy a swapped sequence into `device_blocks` (per group) and release its CPU
-        blocks."""
-        swapped = self._swapped.pop(seq_id)
-        for cpu, ids, free, transfer in zip(
-            swapped.cpu_blocks, device_blocks, self._free, self.transfers, strict=True
+    def load(
+        self, seq_id: Hashable, allocators: Sequence[KVCacheAllocator], hint: str
+    ) -> tuple[list[list[KVCacheBlock]], SwappedSeq]:
+        """Copy a swapped sequence into fresh device blocks of each group's allocator and
+        release its CPU blocks; returns (its device blocks per group, what was parked). Raises
+        `OutOfBlocksError` (with `hint`), and changes nothing, when a pool lacks room."""
+        swapped = self._swapped[seq_id]
+        for allocator, cpu in zip(allocators, swapped.cpu_blocks, strict=True):
+            if len(cpu) > allocator.num_free_blocks:
+                raise OutOfBlocksError(
+                    len(cpu), allocator.num_free_blocks, allocator.num_blocks, hint=hint
+                )
+        del self._swapped[seq_id]
+        blocks = [a.allocate(len(cpu)) for a, cpu in zip(allocators, swapped.cpu_blocks)]
+        for cpu, held, free, transfer in zip(
+            swapped.cpu_blocks, blocks, self._free, self.transfers, strict=True
         ):
-            transfer.swap_in(cpu, ids)
+            transfer.swap_in(cpu, [b.block_id for b in held])
             free.extend(cpu)
-        self.blocks_in += sum(map(len, device_blocks))
-        return swapped
+        self.blocks_in += sum(map(len, blocks))
+        return blocks, swapped
 
     def discard(self, seq_id: Hashable) -> None:
         """Forget a swapped sequence (freed without coming back)."""

@@ -21,7 +21,8 @@ from ._rows import ragged
 from .paged_cache import PagedKVCache
 
 if TYPE_CHECKING:  # type names only: the step module imports this one
-    from .sequences import Group, Growth
+    from .groups import Group
+    from .sequences import Growth
 
 __all__ = ["WindowAttention"]
 

@@ -42,6 +42,8 @@ STEMS = [
     [5, 17, 33, 8, 41, 12, 9, 30, 44, 5, 17, 33, 8, 41],
     [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70],
     [7, 7, 7, 7, 7, 7, 7, 7],
+    # longer than CROP_STEP (64): a sliding-window layer keeps only the prompt's last window
+    [(11 * i) % (VOCAB - 3) + 3 for i in range(66)],
 ]
 tail = st.lists(st.integers(3, VOCAB - 1), max_size=6)
 MODES = {
@@ -224,10 +226,11 @@ def _session_test(family: str, share: int):
     return machine.TestCase
 
 
-# llama the most; mistral for sliding windows over cached prefixes; falcon for models that
-# read gathered K/V. (A "thorough" llama run made 6208 calls: 1641 started from cached
+# llama the most; mistral (every layer sliding) and gemma3 (sliding and full layers) for
+# sliding windows over cached prefixes; falcon for models that read gathered K/V. (A "thorough" llama run made 6208 calls: 1641 started from cached
 # prefixes, 1492 evicted blocks, 250 ran out of blocks; a hunt of 200-300 sessions each on 14
 # families found nothing more.)
 TestLlamaSessions = _session_test("llama", 4)
 TestMistralSessions = _session_test("mistral", 10)
+TestGemma3Sessions = _session_test("gemma3", 10)
 TestFalconSessions = _session_test("falcon", 10)

@@ -11,7 +11,7 @@ import torch
 from transformers import Cohere2Config, Gemma2Config, Gemma3TextConfig, MistralConfig
 
 from pagedkv.kvcache import KVCacheConfig, KVCacheManager, OutOfBlocksError
-from pagedkv.kvcache.sequences import CROP_STEP
+from pagedkv.kvcache.config import CROP_STEP
 
 BS = 4
 HEADS, DIM = 2, 4
@@ -385,6 +385,7 @@ def test_stats_and_bytes_count_every_group():
     assert full.num_used_blocks == 18 and sliding.num_used_blocks == 2
     assert mgr.used_bytes == 18 * layer_block + 2 * 2 * layer_block
     assert s.peak_used_bytes == mgr.peak_used_bytes >= mgr.used_bytes
+    assert "per group: full attention 18/32 (peak 18), window 6 2/16 (peak 2)" in str(s)
     html = mgr._repr_html_()
     assert "sliding window 6" in html and "full attention" in html
     assert len(mgr.block_map()) == 32

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pagedkv.kvcache import KVCacheConfig, KVCacheManager, OutOfBlocksError
-from pagedkv.kvcache import sequences as sequences_module
+from pagedkv.kvcache import groups as groups_module
 
 BASE = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
 token = st.integers(0, 30)
@@ -48,8 +48,8 @@ class ManagerMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self._crop_step = sequences_module.CROP_STEP
-        sequences_module.CROP_STEP = CROP_STEP
+        self._crop_step = groups_module.CROP_STEP
+        groups_module.CROP_STEP = CROP_STEP
         self.cfg = KVCacheConfig(
             num_layers=LAYERS,
             num_kv_heads=1,
@@ -69,7 +69,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.next_id = 0
 
     def teardown(self):
-        sequences_module.CROP_STEP = self._crop_step
+        groups_module.CROP_STEP = self._crop_step
 
     # ---- helpers ----------------------------------------------------------------------------
     def resident(self):
