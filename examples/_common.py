@@ -75,6 +75,43 @@ def random_llama(
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
 
 
+def random_gemma3(
+    *,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    window: int,
+    dtype,
+    seed: int,
+    context: int = 4096,
+) -> torch.nn.Module:
+    """A random Gemma 3 text model built from a config: five sliding-window layers to one of
+    full attention (the checkpoints' pattern), pad, bos, eos ids 0, 1, 2."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        sliding_window=window,
+        layer_types=[
+            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)
+        ],
+        max_position_embeddings=context,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+
+
 def wall_times(fn: Callable[[], object], repeats: int, inner: int = 1) -> list[float]:
     """Sorted seconds per call of `fn` over `repeats` timed batches of `inner` calls, after one
     untimed warm-up call (wall clock: for CPU work, or where CUDA events are not at hand)."""

@@ -22,6 +22,10 @@ Sections (each on the same model, stock and paged in the same run):
             `--num-beams` beam search on the same batch, and the second chat turn (prompt +
             answer + a follow-up, whose leading blocks paged finds in the prefix cache). Same
             side-by-side time and memory ratios; no goals (they are set for the sections above).
+  sliding   a random Gemma 3 text model (5 sliding-window layers, window `--sliding-window`
+            64, to 1 full): 2 prompts of `--sliding-prompt` 1000 tokens + 48 new (KV memory
+            goal <= 1.0x stock), and a batch of mixed lengths `--min-prompt`..1000 (goal <= 0.6x).
+            Stock keeps window - 1 tokens of a sliding layer; paged the blocks its window spans.
 
 `--quick` is a smoke run: tiny sizes that check the script, not the goals (no verdicts).
 
@@ -58,6 +62,7 @@ from _common import (
     int_at_least,
     median_time,
     pad_left,
+    random_gemma3,
     random_llama,
     stock_kv_bytes,
     sync,
@@ -329,6 +334,63 @@ def chat_bench(args, device: torch.device, clock) -> Bench | None:
     )  # fmt: skip
 
 
+# ---- sliding windows ----------------------------------------------------------------------
+def sliding_bench(args, device: torch.device, clock) -> Bench:
+    """A Bench on a random Gemma 3 text model: five sliding-window layers to one full."""
+    model = random_gemma3(
+        vocab=args.vocab,
+        hidden=args.hidden,
+        layers=args.sliding_layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        window=args.sliding_window,
+        dtype=DTYPES[args.dtype],
+        seed=0,
+        context=max(4096, args.sliding_prompt + args.sliding_new_tokens),
+    )
+    model.to(device).eval()
+    model.generation_config.eos_token_id = None
+    windows = model.config.layer_types
+    desc = (
+        f"random Gemma 3 text (hidden {args.hidden}, {len(windows)} layers: "
+        f"{windows.count('sliding_attention')} with a sliding window of {args.sliding_window}, "
+        f"{windows.count('full_attention')} full; {args.heads} heads / {args.kv_heads} KV heads)"
+    )
+    print(f"sliding model: {desc}")
+    return Bench(
+        model, desc, device, args.block_size, args.repeats, set(args.profile), clock,
+        args.num_blocks,
+    )  # fmt: skip
+
+
+def bench_sliding(bench: Bench, args) -> dict[str, dict]:
+    """Long prompts, then a batch of mixed lengths, on the sliding-window model: paged keeps
+    each sliding layer's window (in blocks), stock its last window - 1 tokens."""
+    vocab = bench.model.config.vocab_size
+    new, longest = args.sliding_new_tokens, args.sliding_prompt
+    kwargs = {"max_new_tokens": new, "num_beams": 1}
+    out = {}
+    prompts = [random_tokens(longest, vocab, seed=300 + i) for i in range(2)]
+    blocks = _blocks_for(bench, [longest + new] * 2)
+    r = compare(
+        bench, "sliding_long", pad_left(prompts, bench.pad_id, bench.device), kwargs, blocks
+    )
+    r["setup"] = f"2 prompts of {longest} tokens, {new} new tokens, greedy"
+    r["goals"] = {"memory_ratio": 1.0}
+    out["sliding_long"] = r
+    n, lo = args.batch_size, args.min_prompt
+    lengths = [round(lo + (longest - lo) * i / max(n - 1, 1)) for i in range(n)]
+    prompts = [random_tokens(m, vocab, seed=400 + i) for i, m in enumerate(lengths)]
+    blocks = _blocks_for(bench, [m + new for m in lengths])
+    r = compare(
+        bench, "sliding_mixed", pad_left(prompts, bench.pad_id, bench.device), kwargs, blocks
+    )
+    r["setup"] = f"batch {n}, prompts {lo}..{longest} tokens, {new} new tokens, greedy"
+    r["goals"] = {"memory_ratio": 0.6}
+    out["sliding_mixed"] = r
+    return out
+
+
 def bench_chat(bench: Bench, args) -> dict[str, dict]:
     """A greedy batch of chat prompts, beam search on it, and its second turn (prompt + answer
     + a follow-up; paged finds its leading blocks in the prefix cache), on the real model."""
@@ -370,9 +432,19 @@ SECTIONS = {
     "prefix": bench_prefix,
     "manager": bench_manager,
     "chat": bench_chat,
+    "sliding": bench_sliding,
 }
 # Result rows of the generate sections, in table order.
-GENERATE_RESULTS = ("decode", "beams", "prefix", "chat_greedy", "chat_beams", "chat_turn2")
+GENERATE_RESULTS = (
+    "decode",
+    "beams",
+    "prefix",
+    "chat_greedy",
+    "chat_beams",
+    "chat_turn2",
+    "sliding_long",
+    "sliding_mixed",
+)
 QUICK = dict(
     hidden=64,
     layers=2,
@@ -388,6 +460,9 @@ QUICK = dict(
     repeats=1,
     num_seqs=16,
     chat_batch=2,
+    sliding_window=16,
+    sliding_prompt=80,
+    sliding_new_tokens=6,
     chat_new_tokens=4,
 )
 
@@ -591,6 +666,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-seqs", type=_positive, default=256, help="sequences for the manager section"
     )
     g.add_argument("--chat-batch", type=_positive, default=8, help="chat: conversations")
+    g.add_argument("--sliding-window", type=_positive, default=64, help="sliding: the window")
+    g.add_argument(
+        "--sliding-prompt", type=_positive, default=1000, help="sliding: the long prompts"
+    )
+    g.add_argument("--sliding-new-tokens", type=_positive, default=48, help="sliding")
+    g.add_argument(
+        "--sliding-layers", type=_positive, default=6, help="sliding: layers (5 sliding : 1 full)"
+    )
     g.add_argument(
         "--chat-new-tokens", type=_positive, default=48, help="chat: new tokens per answer (max)"
     )
@@ -662,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = args.only or list(SECTIONS)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     benches: dict[str, Bench | None] = {}
-    if {"decode", "beams", "prefix", "chat"} & set(sections):
+    if {"decode", "beams", "prefix", "chat", "sliding"} & set(sections):
         import transformers
 
         from pagedkv.kernels import resolve_backend
@@ -688,6 +771,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["model"] = desc
         print(f"model: {desc}")
+    if "sliding" in sections:
+        benches["sliding"] = sliding_bench(args, device, clock)
+        results["sliding_model"] = benches["sliding"].description
     if "chat" in sections:
         benches["chat"] = chat_bench(args, device, clock)
         if benches["chat"] is not None:
@@ -698,11 +784,11 @@ def main(argv: list[str] | None = None) -> int:
             results["manager"] = bench_manager(num_seqs=args.num_seqs)
             print(manager_line(results["manager"]))
             continue
-        bench = benches["chat" if name == "chat" else "random"]
+        bench = benches[name if name in ("chat", "sliding") else "random"]
         if bench is None:
             continue
         found = SECTIONS[name](bench, args)
-        for key, r in found.items() if name == "chat" else [(name, found)]:
+        for key, r in found.items() if name in ("chat", "sliding") else [(name, found)]:
             r["meets"] = None if args.quick else verdicts(r)
             results[key] = r
             print(section_line(key, r))
