@@ -106,7 +106,8 @@ class KVCacheConfig:
     Layers are grouped by how they attend (`layer_windows`: full attention, or one group per
     sliding window); each group has its own pool of blocks, a block holding `block_size`
     tokens of K and V for every layer of its group. Size the pools with one of `num_blocks`
-    (blocks of each group: one count for all, or one per group), `memory_budget_bytes` (split
+    (blocks of each group: one count for all, or one per group in `groups` order: full attention
+    first, then sliding windows, narrowest first), `memory_budget_bytes` (split
     so that every group holds as many sequences of `context_length` tokens; a sliding group
     keeps only a window of each, or a short prompt whole: see `_memory.split_budget`) or
     `memory_fraction` (a fraction of the device memory free now, host RAM for CPU, split
