@@ -108,6 +108,15 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, sc
     seq_lens = seq_lens.long()
     if query_start_loc is not None:
         q_lens = query_start_loc[1:].long() - query_start_loc[:-1]
+        if num_seqs > 1:
+            split = _split_mixed(q_lens)
+            if split is not None:
+                kwargs = dict(scale=scale, causal=causal, sliding_window=sliding_window,
+                              softcap=softcap, sinks=sinks, slot_valid=slot_valid)  # fmt: skip
+                return _attend_split(
+                    split, query, key_cache, value_cache, block_tables, seq_lens,
+                    query_start_loc, q_lens, out, kwargs,
+                )  # fmt: skip
     # Keys of sequence i are gathered from position first_key[i] on (0 without a window).
     first_col = _checks.first_block_read(
         seq_lens, query_start_loc, sliding_window=sliding_window, block_size=block_size
@@ -204,6 +213,42 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, sc
     if out is None:
         return o
     return out.copy_(o)
+
+
+def _split_mixed(q_lens: torch.Tensor) -> torch.Tensor | None:
+    """The one-query rows of a call that mixes them with long ones (a continuous-batching
+    step: decodes beside prompt chunks), when padding every row to the longest would waste
+    most of the work; None otherwise."""
+    single = q_lens == 1
+    num_single = int(single.sum())
+    if num_single == 0 or num_single == len(q_lens):
+        return None
+    if len(q_lens) * int(q_lens.max()) <= 2 * int(q_lens.sum()):
+        return None
+    return single
+
+
+def _attend_split(single, query, key_cache, value_cache, block_tables, seq_lens,
+                  query_start_loc, q_lens, out, kwargs) -> torch.Tensor:  # fmt: skip
+    """`paged_attention` as two calls: the one-query rows as a decode, the others packed."""
+    starts = query_start_loc[:-1].long()
+    decode_at = starts[single]
+    multi = ~single
+    multi_lens = q_lens[multi]
+    multi_loc = torch.zeros(len(multi_lens) + 1, dtype=query_start_loc.dtype, device=query.device)
+    multi_loc[1:] = torch.cumsum(multi_lens, 0)
+    multi_at = torch.repeat_interleave(
+        starts[multi] - multi_loc[:-1].long(), multi_lens, output_size=int(multi_loc[-1])
+    ) + torch.arange(int(multi_loc[-1]), device=query.device)
+    result = torch.empty_like(query) if out is None else out
+    result[decode_at] = paged_attention(
+        query[decode_at], key_cache, value_cache, block_tables[single], seq_lens[single], **kwargs
+    )
+    result[multi_at] = paged_attention(
+        query[multi_at], key_cache, value_cache, block_tables[multi], seq_lens[multi],
+        query_start_loc=multi_loc, **kwargs,
+    )  # fmt: skip
+    return result
 
 
 def _eager_attention(

@@ -91,6 +91,24 @@ CASES = [
         id="softcap-window-decode-fp16",
     ),
     pytest.param([3, 5], [6, 7], 4, 2, 64, 8, torch.float32, {}, id="qlen-gt-seqlen-zero-rows"),
+    # A continuous-batching step: decodes beside prompt chunks (the one-query rows run apart).
+    pytest.param(
+        [40, 9, 23, 5], [1, 9, 1, 1], 4, 2, 64, 8, torch.float32, {}, id="mixed-decodes-chunk"
+    ),
+    pytest.param(
+        [40, 30, 23, 12],
+        [1, 14, 1, 1],
+        4,
+        2,
+        64,
+        8,
+        torch.float32,
+        {"sliding_window": 5},
+        id="mixed-window5",
+    ),
+    pytest.param(
+        [40, 30, 7], [1, 14, 1], 4, 1, 64, 16, torch.float16, {"softcap": 4.0}, id="mixed-softcap"
+    ),
     pytest.param(
         [3, 5], [6, 7], 4, 2, 64, 8, torch.float32, {"softcap": 3.0}, id="qlen-gt-seqlen-softcap"
     ),
@@ -136,6 +154,10 @@ SLOT_VALID_CASES = [
     pytest.param(
         [3, 5], [6, 7], 4, 2, 64, 8, torch.float32, {0: [1], 1: [4]}, {"softcap": 3.0},
         id="qlen-gt-seqlen-softcap",
+    ),
+    pytest.param(
+        [40, 12, 23], [1, 12, 1], 4, 2, 64, 8, torch.float32, {0: [3, 39], 1: [5], 2: [0]}, {},
+        id="mixed-decodes-chunk",
     ),
 ]  # fmt: skip
 
