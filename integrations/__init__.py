@@ -1,4 +1,5 @@
-"""transformers integration: paged attention behind `model.generate`.
+"""transformers integration: paged attention behind `model.generate`, and continuous batching
+(`generate_batch`, `BatchingEngine`) on the same paged cache.
 
     from pagedkv.integrations import enable_paged_attention, disable_paged_attention
 
@@ -13,13 +14,24 @@ transformers >= 5.24, `past_key_values=` on 5.17) and `free()` it when done.
 
 from ._hf_attention import ATTN_NAME
 from ._hf_cache import PagedCache
-from .hf import disable_paged_attention, enable_paged_attention, get_manager, paged_attention
+from .hf import (
+    BatchingEngine,
+    RequestTimings,
+    disable_paged_attention,
+    enable_paged_attention,
+    generate_batch,
+    get_manager,
+    paged_attention,
+)
 
 __all__ = [
     "ATTN_NAME",
+    "BatchingEngine",
     "PagedCache",
+    "RequestTimings",
     "disable_paged_attention",
     "enable_paged_attention",
+    "generate_batch",
     "get_manager",
     "paged_attention",
 ]

@@ -1,4 +1,4 @@
-"""Drop-in paged attention for transformers `generate`.
+"""Switching a model to paged attention and back: `enable_paged_attention` and its inverse.
 
     manager = enable_paged_attention(model, block_size=16, num_blocks=4096)
     model.generate(input_ids, attention_mask=mask, max_new_tokens=64)   # runs on the blocks
@@ -42,7 +42,14 @@ from ._hf_forward import paged_forward
 from ._hf_generate import paged_generate
 from ._hf_state import MISSING, PagedMethod, PagedState
 
-__all__ = ["disable_paged_attention", "enable_paged_attention", "get_manager", "paged_attention"]
+__all__ = [
+    "disable_paged_attention",
+    "enable_paged_attention",
+    "enable_on",
+    "get_manager",
+    "paged_attention",
+    "state_of",
+]
 
 _STATE_ATTR = "_pagedkv_state"
 
@@ -72,13 +79,30 @@ def enable_paged_attention(
             f"{_describe(current.request)}; to enable it with {_describe(request)}, call "
             "disable_paged_attention(model) first"
         )
-    if config is None:
+    return enable_on(model, config, overrides)
+
+
+def enable_on(
+    model: PreTrainedModel,
+    config: KVCacheConfig | None,
+    overrides: dict,
+    manager: KVCacheManager | None = None,
+) -> KVCacheManager:
+    """`enable_paged_attention` (no checks of an earlier enable), or with `manager` given,
+    on that manager: its geometry must be the model's."""
+    request = (config, overrides) if manager is None else (manager.config, {"manager": id(manager)})
+    if manager is not None:
+        config = manager.config
+    elif config is None:
         defaults = {"dtype": model.dtype, "device": model.device}
         config = KVCacheConfig.from_model_config(model.config, **{**defaults, **overrides})
     elif overrides:
         config = config.replace(**overrides)
     gather = not _uses_registry(model)
-    manager = KVCacheManager(config)
+    if manager is None:
+        manager = KVCacheManager(config)
+    else:
+        _check_geometry(model, config)
 
     configs = _configs_of(model)
     saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
@@ -127,6 +151,26 @@ def disable_paged_attention(model: PreTrainedModel) -> None:
         else:
             setattr(model, name, saved)
     state.restore_attention()
+
+
+def state_of(model: PreTrainedModel) -> PagedState:
+    """What enabling changed on `model` (it must be enabled)."""
+    return model.__dict__[_STATE_ATTR]
+
+
+def _check_geometry(model: PreTrainedModel, config: KVCacheConfig) -> None:
+    """A manager made elsewhere must hold this model's layers, heads and windows."""
+    wanted = KVCacheConfig.from_model_config(model.config, num_blocks=1)
+    fields = ("num_layers", "num_kv_heads", "head_dim", "layer_windows")
+    differ = {f: (getattr(config, f), getattr(wanted, f)) for f in fields}
+    differ = {f: v for f, v in differ.items() if v[0] != v[1]}
+    if differ:
+        raise ValueError(
+            f"the manager's KV cache does not fit {type(model).__name__}: "
+            + ", ".join(
+                f"{f}={have!r} (the model needs {need!r})" for f, (have, need) in differ.items()
+            )
+        )
 
 
 def get_manager(model: PreTrainedModel) -> KVCacheManager | None:

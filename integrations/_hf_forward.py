@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._hf_cache import PagedCache
+from ._hf_ragged import RaggedCache
 from ._hf_state import CACHE_KEYS, PagedState
 
 __all__ = ["paged_forward"]
@@ -32,7 +33,7 @@ def paged_forward(state: PagedState, forward, *args, **kwargs):
 # The bookkeeping around a forward is Python state (numpy tables, the manager's records): under
 # torch.compile it runs as it is, outside the graphs, and the model's math between is compiled.
 @torch.compiler.disable
-def _enter(state: PagedState, kwargs: dict, args: tuple) -> PagedCache | None:
+def _enter(state: PagedState, kwargs: dict, args: tuple) -> PagedCache | RaggedCache | None:
     """Take the model's lock and open the forward: plan the step of its cache (made here when
     none is given and use_cache is on), or switch to the model's own attention (None)."""
     state.lock.acquire()
@@ -40,6 +41,8 @@ def _enter(state: PagedState, kwargs: dict, args: tuple) -> PagedCache | None:
         if not state.in_generate:
             state.check_call()
         cache = _given_cache(state, kwargs)
+        if isinstance(cache, RaggedCache):
+            return cache  # the batching engine's packed forward: its step is planned already
         if cache is None:
             use_cache = kwargs.get("use_cache")
             if use_cache is None:
@@ -57,21 +60,21 @@ def _enter(state: PagedState, kwargs: dict, args: tuple) -> PagedCache | None:
 
 
 @torch.compiler.disable
-def _leave(state: PagedState, cache: PagedCache | None, ok: bool) -> None:
+def _leave(state: PagedState, cache: PagedCache | RaggedCache | None, ok: bool) -> None:
     try:
         if cache is None:
             state.use_stock_attention(False)
-        else:
+        elif isinstance(cache, PagedCache):
             cache.end_forward(ok=ok)
     finally:
         state.lock.release()
 
 
-def _given_cache(state: PagedState, kwargs: dict) -> PagedCache | None:
+def _given_cache(state: PagedState, kwargs: dict) -> PagedCache | RaggedCache | None:
     cache = next((kwargs[k] for k in CACHE_KEYS if kwargs.get(k) is not None), None)
     if cache is None:
         return None
-    if not isinstance(cache, PagedCache):
+    if not isinstance(cache, (PagedCache, RaggedCache)):
         raise TypeError(
             "this model runs pagedkv attention, which reads a PagedCache; got a "
             f"{type(cache).__name__}. Pass no cache or a PagedCache, or call "
