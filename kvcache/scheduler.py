@@ -328,13 +328,14 @@ class Scheduler:
             and len(self._running) < self.max_num_seqs
         ):
             request = self._waiting[0]
-            seq_id = self._seq_id(request)
-            # Allocated first: its cached prefix blocks are then held, not counted as free.
-            cached = self.manager.allocate(seq_id, request.tokens(), extra_key=self.extra_key)
+            tokens = request.tokens()
+            cached, revived = self.manager.cached_prefix(tokens, extra_key=self.extra_key)
             n = min(request.num_tokens - cached, budget)
-            if not self._room_for([*planned, (request, cached, n)]):
-                self.manager.free(seq_id)
+            if not self._room_for([*planned, (request, cached, n)], revived):
                 break
+            seq_id = self._seq_id(request)
+            cached = self.manager.allocate(seq_id, tokens, extra_key=self.extra_key)
+            n = min(request.num_tokens - cached, budget)
             self._waiting.pop(0)
             request.status, request.num_computed = RequestStatus.RUNNING, cached
             bisect.insort(self._running, request, key=_arrival)
@@ -343,12 +344,15 @@ class Scheduler:
             budget -= n
         return admitted
 
-    def _room_for(self, rows: list[tuple[Request, int, int]]) -> bool:
+    def _room_for(
+        self, rows: list[tuple[Request, int, int]], taken: Sequence[int] | None = None
+    ) -> bool:
         """Whether each group has the free blocks these rows need: (request, tokens held,
-        tokens added)."""
+        tokens added), and `taken[g]` free blocks more (cached ones a new request revives)."""
         cfg = self.manager.config
         for g, group in enumerate(cfg.groups):
             need = sum(self._blocks(group.window, held, held + added) for _, held, added in rows)
+            need += 0 if taken is None else taken[g]
             if need > self.manager.allocators[g].num_free_blocks:
                 return False
         return True

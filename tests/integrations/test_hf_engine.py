@@ -168,6 +168,8 @@ def test_bad_requests_are_refused_and_leave_the_engine_usable():
             (dict(prompt=[5], request_id="opt", min_new_tokens=3), "'opt'.*min_new_tokens"),
             (dict(prompt=[5], request_id="temp", do_sample=True, temperature=0.0), "'temp'.*temp"),
             (dict(prompt=[[5]], request_id="nested"), "'nested'"),
+            (dict(prompt=[5, VOCAB], request_id="oov"), f"'oov'.*token id {VOCAB}.*vocabulary"),
+            (dict(prompt=[-1], request_id="neg"), "'neg'.*token id -1"),
         ]
         for kwargs, message in cases:
             with pytest.raises(ValueError, match=message):

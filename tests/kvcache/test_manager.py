@@ -86,6 +86,27 @@ def test_prefix_hit_returns_the_kv_written_for_those_tokens():
     mgr.check_invariants()
 
 
+def test_cached_prefix_tells_what_allocate_finds_and_takes_nothing():
+    mgr = make_manager()
+    prompt = list(range(100, 111))  # 2 full blocks of 4 + 3
+    mgr.allocate("a", prompt)
+    mgr.append("a", 11)
+    mgr.allocate("held", prompt[:8] + [1])  # holds the first block... and the second
+    mgr.free("a")  # the two prompt blocks: held by "held"; a's last block is free
+    mgr.free("held")
+    mgr.allocate("again", prompt[:5])  # takes block 0 back: in use now, not free
+    before = (mgr.num_free_blocks, mgr.stats)
+    assert mgr.cached_prefix(prompt + [7]) == (8, [1])  # block 1 is free: allocate revives it
+    assert mgr.cached_prefix(prompt, extra_key="other") == (0, [0])
+    assert (mgr.num_free_blocks, mgr.stats) == before
+    free = mgr.num_free_blocks
+    assert mgr.allocate("b", prompt + [7]) == 8
+    assert mgr.num_free_blocks == free - 1
+    with pytest.raises(ValueError, match="token"):
+        mgr.cached_prefix([1, 2.5])
+    mgr.check_invariants()
+
+
 def test_prefix_lookup_always_leaves_a_token_to_compute():
     mgr = make_manager()
     prompt = list(range(8))  # exactly two blocks
