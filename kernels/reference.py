@@ -135,6 +135,18 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, sc
     kv_lens = seq_lens if first_key is None else seq_lens - first_key
     lengths = kv_lens.tolist()  # one sync; decode steps are latency-bound on CPU
     max_len = max(lengths, default=0)
+    if query_start_loc is None and num_seqs >= _BUCKET_MIN_SEQS:
+        buckets = _length_buckets(lengths)
+        if buckets is not None:  # many decodes of very different lengths: pad less
+            result = torch.empty_like(query) if out is None else out
+            for rows in buckets:
+                index = torch.tensor(rows, device=device)
+                result[index] = paged_attention(
+                    query[index], key_cache, value_cache, block_tables[index], seq_lens[index],
+                    scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
+                    sinks=sinks, slot_valid=slot_valid,
+                )  # fmt: skip
+            return result
     if num_tokens == 0 or max_len == 0:
         return torch.zeros_like(query) if out is None else out.zero_()
 
@@ -223,6 +235,25 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, sc
     if out is None:
         return o
     return out.copy_(o)
+
+
+_BUCKET_MIN_SEQS = 16  # fewer decodes: one padded batch costs less than the extra calls
+_MAX_BUCKETS = 3
+
+
+def _length_buckets(lengths: list[int]) -> list[list[int]] | None:
+    """Rows grouped by key count (longest first) into at most `_MAX_BUCKETS` batches, when
+    that gathers and attends at least a fifth fewer padded keys than one batch; else None."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    one = lengths[order[0]] * len(order)
+    best, best_cost = None, 0.8 * one
+    for k in range(2, _MAX_BUCKETS + 1):
+        size = -(-len(order) // k)
+        buckets = [order[i : i + size] for i in range(0, len(order), size)]
+        cost = sum(lengths[b[0]] * len(b) for b in buckets)
+        if cost < best_cost:
+            best, best_cost = buckets, cost
+    return best
 
 
 def _split_mixed(q_lens: torch.Tensor) -> torch.Tensor | None:

@@ -265,3 +265,29 @@ def test_generate_batch_arguments(capsys):
     out = generate_batch(model, [[5, 6], [7]], max_new_tokens=[3, 2], progress=True)
     assert [len(o) for o in out] == [3, 2] or EOS in sum(out, [])
     assert "generate_batch" in capsys.readouterr().err
+
+
+def test_generate_batch_on_a_given_manager_leaves_the_model_stock():
+    from pagedkv.kvcache import KVCacheConfig, KVCacheManager
+
+    model = build_model("gemma3")
+    prompts, limits = prompts_and_limits(4, seed=8)
+    expected = stock_all(model, prompts, limits, eos_token_id=None)
+    config = KVCacheConfig.from_model_config(model.config, block_size=4, num_blocks=64)
+    manager = KVCacheManager(config)
+    got = generate_batch(model, prompts, max_new_tokens=limits, eos_token_id=None, manager=manager)
+    assert got == expected
+    assert get_manager(model) is None and model.config._attn_implementation == "eager"
+    assert manager.num_used_blocks == 0 and manager.stats.prefix_queries > 0
+    wrong = KVCacheManager(config.replace(head_dim=config.head_dim * 2))
+    with pytest.raises(ValueError, match="head_dim"):
+        generate_batch(model, prompts, max_new_tokens=2, manager=wrong)
+    assert get_manager(model) is None
+
+
+def test_an_engine_seed_gives_request_i_the_seed_plus_i():
+    model = build_model("llama")
+    prompts, _ = prompts_and_limits(3, seed=9)
+    settings = dict(do_sample=True, top_k=0, eos_token_id=None, max_new_tokens=8)
+    together = generate_batch(model, prompts, seed=5, **settings)
+    assert generate_batch(model, prompts[2:], seed=7, **settings) == together[2:]

@@ -91,6 +91,29 @@ CASES = [
         id="softcap-window-decode-fp16",
     ),
     pytest.param([3, 5], [6, 7], 4, 2, 64, 8, torch.float32, {}, id="qlen-gt-seqlen-zero-rows"),
+    # Many decodes of very different lengths (run in batches of similar lengths).
+    pytest.param(
+        [70, 3, 41, 9, 66, 1, 30, 17, 55, 12, 4, 48, 25, 62, 8, 36, 20],
+        None,
+        4,
+        2,
+        64,
+        8,
+        torch.float32,
+        {},
+        id="decode-B17-length-buckets",
+    ),
+    pytest.param(
+        [70, 3, 41, 9, 66, 1, 30, 17, 55, 12, 4, 48, 25, 62, 8, 36, 20],
+        None,
+        4,
+        2,
+        64,
+        8,
+        torch.float32,
+        {"sliding_window": 6, "softcap": 3.0},
+        id="decode-B17-length-buckets-window-softcap",
+    ),
     # A continuous-batching step: decodes beside prompt chunks (the one-query rows run apart).
     pytest.param(
         [40, 9, 23, 5], [1, 9, 1, 1], 4, 2, 64, 8, torch.float32, {}, id="mixed-decodes-chunk"
