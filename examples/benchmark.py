@@ -27,6 +27,15 @@ Sections (each on the same model, stock and paged in the same run):
             goal <= 1.0x stock), and a batch of mixed lengths `--min-prompt`..1000 (goal <= 0.6x).
             Stock keeps window - 1 tokens of a sliding layer; paged the blocks its window spans.
 
+  batching  continuous batching: `--batching-requests` 48 chat requests (prompts about 30..300
+            tokens, max_new_tokens 8..128 each, greedy, eos on) served by pagedkv's
+            `generate_batch`, by stock `generate` over static batches of 8 (each row cut at its
+            own limit) and by transformers' continuous batching with the same limits, on the
+            real model (a random model of its shape when it is not installed). Throughput
+            goals: >= 2.0x static generate and >= 1.5x transformers'. Tokens are compared
+            with static generate; a request that differs is replayed alone with stock
+            generate and its logits at the first difference are printed (a near-tie or not).
+
 `--quick` is a smoke run: tiny sizes that check the script, not the goals (no verdicts).
 
 The model is a random Llama built from a config (no download; `--hidden`, `--layers`, `--heads`,
@@ -426,6 +435,153 @@ def bench_chat(bench: Bench, args) -> dict[str, dict]:
     return out
 
 
+# ---- continuous batching -------------------------------------------------------------------
+BATCHING_GOALS = {"vs_static": 2.0, "vs_transformers": 1.5}  # throughput ratios, higher is better
+
+
+def batching_bench(args, device: torch.device, clock) -> tuple[Bench, object]:
+    """The real model and chat requests, or a random model of its shape and random prompts."""
+    import _batching
+    from _models import smollm2_gguf
+
+    new = (args.batching_min_new, args.batching_max_new)
+    size = (args.batching_requests, args.batching_shortest, args.batching_longest)
+    if smollm2_gguf() is not None and not args.quick:
+        from _models import load_smollm2
+
+        loaded = load_smollm2(DTYPES[args.dtype])
+        model, tok, desc = loaded.model.to(device).eval(), loaded.tokenizer, loaded.description
+        eos = model.generation_config.eos_token_id
+        work = _batching.chat_workload(tok, *size, *new, eos)
+    else:
+        shape = (
+            dict(vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3)
+            if not args.quick
+            else dict(vocab=args.vocab, hidden=args.hidden, layers=2, heads=4, kv_heads=2)
+        )
+        model = random_llama(**shape, dtype=DTYPES[args.dtype], seed=0).to(device).eval()
+        desc = f"random Llama of SmolLM2-135M's shape ({shape}); the real model is not installed"
+        if args.quick:
+            desc = f"random Llama {shape} (smoke run)"
+        work = _batching.random_workload(shape["vocab"], *size, *new)
+    print(f"batching model: {desc}")
+    bench = Bench(model, desc, device, args.block_size, args.repeats, set(), clock)
+    return bench, work
+
+
+def bench_batching(bench: Bench, args, work) -> dict:
+    """Rounds of the three servers, interleaved; throughput = tokens generated / time."""
+    import _batching
+
+    model = bench.model
+    cb_config = None
+    if args.quick:  # its default pool is sized to the host's memory: 30 s to set up
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        cb_config = ContinuousBatchingConfig(num_blocks=32, max_batch_tokens=128)
+    runs = {
+        "static": lambda: _batching.run_static(model, work),
+        "transformers": lambda: _batching.run_transformers_cb(model, work, cb_config),
+        "paged": lambda: _batching.run_paged(model, work, args.batching_token_budget),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    outputs: dict[str, list[list[int]]] = {}
+    for _ in range(args.batching_rounds):
+        for name, fn in runs.items():
+            outputs[name], seconds = _batching.timed(fn, bench.clock)
+            times[name].append(seconds)
+            print(f"  batching {name}: {seconds:.1f} s", flush=True)
+    tokens = {k: sum(len(o) for o in v) for k, v in outputs.items()}
+    rate = {k: tokens[k] / statistics.median(times[k]) for k in runs}
+    per_round = {
+        other: [
+            (tokens["paged"] / p) / (tokens[other] / o)
+            for p, o in zip(times["paged"], times[other])
+        ]
+        for other in ("static", "transformers")
+    }
+    ratios = {
+        "vs_static": rate["paged"] / rate["static"],
+        "vs_transformers": rate["paged"] / rate["transformers"],
+    }
+    differ = [i for i, (a, b) in enumerate(zip(outputs["paged"], outputs["static"])) if a != b]
+    cb_differ = [
+        i for i, (a, b) in enumerate(zip(outputs["transformers"], outputs["static"])) if a != b
+    ]
+    return {
+        "setup": work.description,
+        "model": bench.description,
+        "token_budget": args.batching_token_budget,
+        "tokens": tokens,
+        "samples_s": times,
+        "tokens_per_s": rate,
+        "ratios": ratios,
+        "per_round": per_round,
+        "goals": BATCHING_GOALS,
+        "meets": None if args.quick else {k: ratios[k] >= g for k, g in BATCHING_GOALS.items()},
+        "mismatches": [_explain(model, work, i, outputs) for i in differ],
+        "transformers_mismatches": len(cb_differ),
+    }
+
+
+def _explain(model, work, i: int, outputs: dict) -> dict:
+    """A request whose paged tokens differ from static generate's: replay it alone with stock
+    generate, and give the stock logits of the top two tokens where paged first differs."""
+    paged, static = outputs["paged"][i], outputs["static"][i]
+    prompt = torch.tensor([work.prompts[i]], device=model.device)
+    with torch.no_grad():
+        alone = model.generate(
+            prompt,
+            max_new_tokens=work.limits[i],
+            do_sample=False,
+            eos_token_id=work.eos,
+            pad_token_id=work.pad_id,
+        )[0, prompt.shape[1] :].tolist()
+        at = next((j for j, (a, b) in enumerate(zip(paged, alone)) if a != b), None)
+        margin = None
+        if at is not None:
+            ids = torch.tensor([work.prompts[i] + alone[:at]], device=model.device)
+            logits = model(ids).logits[0, -1].float()
+            top = logits.topk(2)
+            margin = {
+                "position": at,
+                "stock_top2": top.indices.tolist(),
+                "stock_top2_logits": [round(v, 5) for v in top.values.tolist()],
+                "paged_token": paged[at],
+                "paged_token_logit": round(float(logits[paged[at]]), 5),
+            }
+    return {
+        "request": i,
+        "equals_stock_alone": paged == alone,
+        "static_equals_stock_alone": static == alone,
+        "first_difference_vs_alone": margin,
+    }
+
+
+def batching_lines(r: dict) -> list[str]:
+    rate, goals, meets = r["tokens_per_s"], r["goals"], r["meets"]
+    lines = [f"batching: {r['setup']}; {r['model']}"]
+    lines.append(
+        "  throughput (tokens/s, median of rounds): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in rate.items())
+    )
+    for key, other in (("vs_static", "static"), ("vs_transformers", "transformers")):
+        spread = r["per_round"][other]
+        verdict = "not judged" if meets is None else "meets" if meets[key] else "MISSES"
+        lines.append(
+            f"  paged / {other}: {r['ratios'][key]:.2f}x (rounds {min(spread):.2f}-"
+            f"{max(spread):.2f}x; goal >= {goals[key]:.1f}x: {verdict})"
+        )
+    n = len(r["mismatches"])
+    lines.append(
+        f"  requests whose paged tokens differ from static generate: {n}; transformers' "
+        f"continuous batching vs static: {r['transformers_mismatches']}"
+    )
+    for m in r["mismatches"]:
+        lines.append(f"    request {m['request']}: {m}")
+    return lines
+
+
 SECTIONS = {
     "decode": bench_decode,
     "beams": bench_beams,
@@ -433,6 +589,7 @@ SECTIONS = {
     "manager": bench_manager,
     "chat": bench_chat,
     "sliding": bench_sliding,
+    "batching": bench_batching,
 }
 # Result rows of the generate sections, in table order.
 GENERATE_RESULTS = (
@@ -464,6 +621,13 @@ QUICK = dict(
     sliding_prompt=80,
     sliding_new_tokens=6,
     chat_new_tokens=4,
+    batching_requests=6,
+    batching_shortest=4,
+    batching_longest=30,
+    batching_min_new=2,
+    batching_max_new=8,
+    batching_rounds=1,
+    batching_token_budget=32,
 )
 
 
@@ -677,6 +841,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--chat-new-tokens", type=_positive, default=48, help="chat: new tokens per answer (max)"
     )
+    g.add_argument("--batching-requests", type=_positive, default=48, help="batching: requests")
+    g.add_argument("--batching-shortest", type=_positive, default=30, help="batching: prompt")
+    g.add_argument("--batching-longest", type=_positive, default=300, help="batching: prompt")
+    g.add_argument("--batching-min-new", type=_positive, default=8, help="batching: limits")
+    g.add_argument("--batching-max-new", type=_positive, default=128, help="batching: limits")
+    g.add_argument("--batching-rounds", type=_positive, default=2, help="batching: timed rounds")
+    g.add_argument(
+        "--batching-token-budget",
+        type=_positive,
+        default=512,
+        help="batching: tokens per paged forward (max_num_batched_tokens)",
+    )
     return parser
 
 
@@ -745,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = args.only or list(SECTIONS)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     benches: dict[str, Bench | None] = {}
-    if {"decode", "beams", "prefix", "chat", "sliding"} & set(sections):
+    if {"decode", "beams", "prefix", "chat", "sliding", "batching"} & set(sections):
         import transformers
 
         from pagedkv.kernels import resolve_backend
@@ -761,7 +937,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{args.dtype} on {results['device']} ({results['machine']}, {results['threads']} "
             f"torch thread(s)); paged kernels: {results['paged_backend']}, block size "
-            f"{args.block_size}; medians of {args.repeats} round(s) of "
+            f"{args.block_size}; medians of {args.repeats} round(s) "
+            f"({args.batching_rounds} for batching) of "
             f"{'process CPU' if args.clock == 'cpu' else 'wall-clock'} time"
         )
     if {"decode", "beams", "prefix"} & set(sections):
@@ -780,6 +957,12 @@ def main(argv: list[str] | None = None) -> int:
             results["chat_model"] = benches["chat"].description
     for name in sections:
         t0 = time.perf_counter()
+        if name == "batching":
+            bench, work = batching_bench(args, device, clock)
+            results["batching"] = bench_batching(bench, args, work)
+            print("\n".join(batching_lines(results["batching"])))
+            print(f"  (batching: {time.perf_counter() - t0:.0f} s)")
+            continue
         if name == "manager":
             results["manager"] = bench_manager(num_seqs=args.num_seqs)
             print(manager_line(results["manager"]))

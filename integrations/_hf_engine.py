@@ -76,13 +76,14 @@ class BatchingEngine:
     """Continuous batching over `model` (see the module docstring).
 
     The model runs on the manager `enable_paged_attention` gave it, or on `manager` when it
-    is not enabled (then enabled on it until `close`), or else on a manager sized by
-    `num_blocks` / `memory_budget_bytes` / the defaults of `KVCacheConfig.from_model_config`.
+    is not enabled (then enabled on it until `close`), or else on a manager made here:
+    `KVCacheConfig.from_model_config` with `config_overrides` (`num_blocks`, `block_size`,
+    `num_cpu_blocks`, ...); `close` then gives the model its stock attention back.
     `generation_kwargs` are every request's defaults over the model's generation config:
-    greedy or sampling (`do_sample`, `temperature`, `top_k`, `top_p`, a `seed`),
-    `repetition_penalty`, `eos_token_id` (one or several), `max_new_tokens`. Beam search is
-    refused (use `model.generate`). `max_num_seqs`, `max_num_batched_tokens`, `preemption`:
-    see `Scheduler`.
+    greedy or sampling (`do_sample`, `temperature`, `top_k`, `top_p`, a `seed`: request i
+    gets seed + i), `repetition_penalty`, `eos_token_id` (one or several), `max_new_tokens`.
+    Beam search is refused (use `model.generate`). `max_num_seqs`, `max_num_batched_tokens`,
+    `preemption`: see `Scheduler`. Call it from one thread (each step holds the model's lock).
     """
 
     def __init__(

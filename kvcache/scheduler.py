@@ -19,7 +19,8 @@ takes the sampled tokens back. Each step:
 
 The caller runs the forward of `ScheduledStep.step` on the packed tokens, samples the next
 token of each row in `sample_rows`, and hands them to `finish_step` (or calls `abort_step` if
-the forward failed: nothing changed then).
+the forward failed: every request keeps what it had computed; the admissions and preemptions
+made while planning stand, so the next step may be planned differently).
 
     sched = Scheduler(manager, max_num_batched_tokens=256)
     sched.add("a", prompt_ids, max_new_tokens=32, eos_token_ids={2})
@@ -194,7 +195,7 @@ class Scheduler:
             raise ValueError(
                 f"request {request_id!r}: max_new_tokens must be >= 1; got {max_new_tokens}"
             )
-        eos = frozenset(int(t) for t in eos_token_ids)
+        eos = _stop_tokens(request_id, eos_token_ids)
         self._check_fits(request_id, len(ids), max_new_tokens)
         request = Request(request_id, tuple(ids), max_new_tokens, eos, arrival=next(self._arrivals))
         self._requests[request_id] = request
@@ -287,9 +288,18 @@ class Scheduler:
         raise RuntimeError(f"the scheduler cannot plan a step that fits the pool: {self!r}")
 
     def _resume_swapped(self) -> None:
+        """Swap requests back in (oldest first) while they can run in this step beside the
+        running ones: budget left, and blocks for what they hold and their next tokens."""
         while self._swapped and len(self._running) < self.max_num_seqs:
             request = self._swapped[0]
-            if not self._room_for([(request, 0, request.num_computed)]):
+            planned = self._running_rows()
+            budget = self.max_num_batched_tokens - sum(n for _, n in planned)
+            if budget <= 0:
+                return
+            held = request.num_computed
+            rows = [(r, r.num_computed, n) for r, n in planned]
+            rows += [(request, 0, held), (request, held, min(request.num_tokens - held, budget))]
+            if not self._room_for(rows):
                 return
             try:
                 self.manager.swap_in(self._seq_id(request))
@@ -456,7 +466,8 @@ class Scheduler:
         return events
 
     def abort_step(self, scheduled: ScheduledStep) -> None:
-        """The forward failed: undo the step (the requests stay where they were)."""
+        """The forward failed: undo the step. Each request keeps the tokens it had computed
+        before it; admissions and preemptions made while planning it stand."""
         self._check_open(scheduled)
         self._open = None
         scheduled.step.abort()
@@ -490,3 +501,16 @@ class Scheduler:
 
 
 _arrival = attrgetter("arrival")
+
+
+def _stop_tokens(request_id: Hashable, eos_token_ids: object) -> frozenset[int]:
+    if isinstance(eos_token_ids, (str, bytes)) or not isinstance(eos_token_ids, Iterable):
+        raise ValueError(
+            f"request {request_id!r}: eos_token_ids must be a collection of token ids; got "
+            f"{eos_token_ids!r}"
+        )
+    try:
+        ids = _checks.as_token_list(list(eos_token_ids), "eos_token_ids")
+    except ValueError as err:
+        raise ValueError(f"request {request_id!r}: {err}") from None
+    return frozenset(ids)

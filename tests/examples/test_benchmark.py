@@ -39,6 +39,12 @@ def test_quick_is_a_smoke_run_with_ratios(load_example, torch_kernels, tmp_path,
         assert results["chat_beams"]["cow_copies"] > 0
         assert results["chat_turn2"]["prefix_hits"] >= 2 * 16, "turn 2 reuses turn 1's blocks"
         assert "SmolLM2-135M-Instruct" in results["chat_model"]
+    batching = results["batching"]
+    assert batching["mismatches"] == [] and batching["transformers_mismatches"] == 0
+    tokens = batching["tokens"]
+    assert tokens["paged"] == tokens["static"] == tokens["transformers"] > 0
+    assert set(batching["ratios"]) == {"vs_static", "vs_transformers"}
+    assert all(r > 0 for r in batching["ratios"].values()) and batching["meets"] is None
     manager = results["manager"]
     assert manager["us_per_step"] > 0 and manager["meets_goal"] is None
     assert "not judged at 16" in printed, "the 256-sequence goal is not claimed at 16"
