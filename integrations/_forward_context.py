@@ -14,7 +14,7 @@ import contextvars
 import weakref
 from typing import Any
 
-__all__ = ["CACHE_KWARG", "current", "enter", "leave"]
+__all__ = ["CACHE_KWARG", "current", "enter", "hand_over", "leave"]
 
 # The key under which `PagedCache.update` hands itself to the attention function.
 CACHE_KWARG = "pagedkv_cache"
@@ -43,3 +43,11 @@ def current(kwargs: dict) -> Any:
         ref = _FORWARD.get()
         cache = None if ref is None else ref()
     return cache
+
+
+def hand_over(cache: Any, update_kwargs: dict) -> None:
+    """In `Cache.update`: put `cache` in the kwargs transformers (>= 5.24) passes on to the
+    attention function, when it handed them over (`update(..., kwargs=...)`)."""
+    model_kwargs = update_kwargs.get("kwargs")
+    if isinstance(model_kwargs, dict):
+        model_kwargs[CACHE_KWARG] = cache

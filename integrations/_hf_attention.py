@@ -70,6 +70,37 @@ def paged_attention_forward(
     return out.view(batch, q_len, num_heads, head_dim), None
 
 
+class AttendsThroughStep:
+    """The `attend` pagedkv attention calls on the cache of the forward in flight: causal paged
+    attention of packed queries `[tokens, heads, head_dim]` through that forward's manager
+    `Step`, in the pool's dtype. A cache class provides `manager` and `_attending(layer_idx,
+    sliding_window) -> Step`."""
+
+    @torch.compiler.disable
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`sinks`: a logit per head joining each softmax, as gpt-oss's `s_aux`."""
+        step = self._attending(layer_idx, sliding_window)
+        out = step.attend(
+            layer_idx,
+            query.to(self.manager.config.torch_dtype),
+            scale=scale,
+            causal=True,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            sinks=sinks,
+        )
+        return out.to(query.dtype)
+
+
 class NoBackward(torch.autograd.Function):
     """`apply(source, out)`: `out` (read from the paged pool) marked as depending on `source`,
     with a backward that refuses: the pool keeps K/V values, not their autograd graph, so

@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from pagedkv.kvcache import KVCacheManager, Step
 
 from . import _forward_context
-from ._hf_attention import NoBackward
+from ._hf_attention import AttendsThroughStep, NoBackward
 from ._hf_gather import padded_kv
 from ._hf_padding import check_positions, window_spans
 
@@ -98,7 +98,7 @@ class _Held:
         self.rows.clear()
 
 
-class PagedCache(Cache):
+class PagedCache(AttendsThroughStep, Cache):
     """A transformers `Cache` on the blocks of `manager` (see the module docstring).
 
     Pass it to `generate` (`cache=` on transformers >= 5.24, `past_key_values=` before) or to a
@@ -348,36 +348,14 @@ class PagedCache(Cache):
                     NoBackward.apply(value_states, value),
                 )
             return key, value
-        model_kwargs = kwargs.get("kwargs")
-        if isinstance(model_kwargs, dict):
-            model_kwargs[_forward_context.CACHE_KWARG] = self
+        _forward_context.hand_over(self, kwargs)
         return key_states, value_states
 
-    @torch.compiler.disable
-    def attend(
-        self,
-        layer_idx: int,
-        query: torch.Tensor,
-        *,
-        scale: float,
-        sliding_window: int | None = None,
-        softcap: float | None = None,
-        sinks: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`paged_attention` of packed queries `[batch * q_len, heads, head_dim]` on the blocks
-        (`sinks`: a logit per head joining each softmax, as gpt-oss's `s_aux`)."""
+    def _attending(self, layer_idx: int, sliding_window: int | None) -> Step:
+        """The step `attend` runs through (the layer's call is recorded for the enable probe)."""
         forward = self._current()
         forward.attended[layer_idx] = sliding_window
-        out = forward.step.attend(
-            layer_idx,
-            query.to(self.manager.config.torch_dtype),
-            scale=scale,
-            causal=True,
-            sliding_window=sliding_window,
-            softcap=softcap,
-            sinks=sinks,
-        )
-        return out.to(query.dtype)
+        return forward.step
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._seen

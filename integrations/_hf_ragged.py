@@ -16,16 +16,17 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from pagedkv.kvcache import KVCacheManager
+from pagedkv.kvcache import KVCacheManager, Step
 from pagedkv.kvcache.scheduler import ScheduledStep
 
 from . import _forward_context
+from ._hf_attention import AttendsThroughStep
 from ._hf_cache import _PagedLayer
 
 __all__ = ["RaggedCache", "ragged_forward"]
 
 
-class RaggedCache(Cache):
+class RaggedCache(AttendsThroughStep, Cache):
     """The cache of one packed forward over `step` (see the module docstring)."""
 
     def __init__(self, manager: KVCacheManager, scheduled: ScheduledStep) -> None:
@@ -52,32 +53,11 @@ class RaggedCache(Cache):
             key_states[0].transpose(0, 1).to(dtype),
             value_states[0].transpose(0, 1).to(dtype),
         )
-        model_kwargs = kwargs.get("kwargs")
-        if isinstance(model_kwargs, dict):
-            model_kwargs[_forward_context.CACHE_KWARG] = self
+        _forward_context.hand_over(self, kwargs)
         return key_states, value_states
 
-    @torch.compiler.disable
-    def attend(
-        self,
-        layer_idx: int,
-        query: torch.Tensor,
-        *,
-        scale: float,
-        sliding_window: int | None = None,
-        softcap: float | None = None,
-        sinks: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        out = self.step.attend(
-            layer_idx,
-            query.to(self.manager.config.torch_dtype),
-            scale=scale,
-            causal=True,
-            sliding_window=sliding_window,
-            softcap=softcap,
-            sinks=sinks,
-        )
-        return out.to(query.dtype)
+    def _attending(self, layer_idx: int, sliding_window: int | None) -> Step:
+        return self.step
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are given per token; nothing else reads a length

@@ -175,12 +175,8 @@ def _torch_kernels(monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(one_torch_thread):
     """Tiny models are faster on one thread, and far faster on a busy 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pytest_generate_tests(metafunc):

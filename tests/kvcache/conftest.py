@@ -4,6 +4,11 @@ import torch
 from pagedkv.kvcache import KVCacheConfig, KVCacheManager
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread):
+    """The manager's tensors are tiny (see `one_torch_thread`)."""
+
+
 @pytest.fixture(autouse=True)
 def _torch_backend(monkeypatch):
     # The manager's bookkeeping is under test here, not the kernels (tests/kernels runs the

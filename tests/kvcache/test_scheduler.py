@@ -44,16 +44,6 @@ MAX_NEW = 20
 LIVE = (RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.SWAPPED)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The fake model's tensors are tiny: waking torch's intra-op threads for each op costs more
-    # than the op (milliseconds each when another process keeps a core busy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- the fake model and its oracle ---------------------------------------------------------
 def values(token_ids: list[int], positions: list[int]) -> torch.Tensor:
     """V of each token, `[n, 1, HEAD_DIM]`: (token, token x (position % 7 + 1), position, 1)."""
