@@ -160,6 +160,10 @@ class BatchingEngine:
             request_id = next(self._ids)
             while request_id in self._tracked:
                 request_id = next(self._ids)
+        try:
+            hash(request_id)
+        except TypeError:
+            raise ValueError(f"request id {request_id!r} is not hashable") from None
         name = f"request {request_id!r}"
         if isinstance(prompt, torch.Tensor):
             if prompt.ndim != 1:

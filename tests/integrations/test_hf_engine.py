@@ -174,6 +174,8 @@ def test_bad_requests_are_refused_and_leave_the_engine_usable():
         for kwargs, message in cases:
             with pytest.raises(ValueError, match=message):
                 engine.add_request(**kwargs)
+        with pytest.raises(ValueError, match=r"request id \[1\] is not hashable"):
+            engine.add_request([5], request_id=[1])
         with pytest.raises(ValueError, match="unknown request id 'nope'|'nope'"):
             engine.cancel("nope")
         assert engine.manager.num_free_blocks == free
