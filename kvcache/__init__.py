@@ -1,4 +1,5 @@
-"""The KV-cache core: configuration, blocks, the block pool, device tensors, swap, manager."""
+"""The KV-cache core: configuration, blocks, the block pool, device tensors, swap, manager,
+and the continuous-batching scheduler above it."""
 
 from .allocator import KVCacheAllocator, OutOfBlocksError
 from .block import BlockHash, KVCacheBlock
@@ -6,6 +7,7 @@ from .block_table import KVCacheBlocks
 from .config import DeviceType, DType, KVCacheConfig
 from .manager import KVCacheManager
 from .paged_cache import PagedKVCache
+from .scheduler import Scheduler
 from .stats import KVCacheStats
 from .step import Step
 from .transfer import KVCacheTransfer
@@ -23,5 +25,6 @@ __all__ = [
     "KVCacheTransfer",
     "OutOfBlocksError",
     "PagedKVCache",
+    "Scheduler",
     "Step",
 ]
