@@ -739,3 +739,22 @@ def test_bad_stop_tokens_raise_a_value_error_naming_the_request(eos):
     with pytest.raises(ValueError, match="'x'"):
         sched.add("x", [1, 2], max_new_tokens=2, eos_token_ids=eos)
     assert not sched.has_unfinished
+
+
+def test_a_request_waiting_for_blocks_is_looked_up_in_the_prefix_cache_once():
+    """Admission asks `cached_prefix`, which takes nothing: the prefix-cache stats count each
+    admitted prompt once, however many steps it waited for room."""
+    windows = (None,)
+    sched = make_scheduler(block_size=4, num_blocks=5)
+    a = sched.add("a", list(range(1, 13)), max_new_tokens=8)  # 3 blocks, growing to 5
+    b = sched.add("b", list(range(20, 32)), max_new_tokens=8)  # 3 more: waits for a
+    run_step(sched, windows)
+    waited = 0
+    while a.status == RequestStatus.RUNNING:
+        assert b.status == RequestStatus.WAITING
+        run_step(sched, windows)
+        waited += 1
+    drain(sched, windows)
+    assert waited >= 5 and sched.num_preemptions == 0
+    assert sched.manager.stats.prefix_queries == len(a.prompt) + len(b.prompt)
+    assert b.output == continuation(list(b.prompt), 8, (), windows)
