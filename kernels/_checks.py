@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import torch
 
@@ -20,21 +21,45 @@ def check_tensor(
     device: torch.device | None = None,
 ) -> None:
     """`t` is a tensor of len(shape) dims (None = any size), one of `dtypes`, on `device`."""
+    # Launchers call this several times per launch: the passing case is one pass of plain
+    # comparisons; messages are only built on the way to an error (`_tensor_error`).
+    if (
+        isinstance(t, torch.Tensor)
+        and t.dtype in dtypes
+        and (device is None or t.device == device)
+        and _shape_matches(t.shape, shape)
+    ):
+        return
+    _tensor_error(t, name, shape, dtypes, device)
+
+
+def _shape_matches(actual: torch.Size, shape: Sequence[int | None]) -> bool:
+    if len(actual) != len(shape):
+        return False
+    for s, a in zip(shape, actual):  # noqa: SIM110 (a loop: faster than all() of a generator)
+        if s is not None and s != a:
+            return False
+    return True
+
+
+def _tensor_error(
+    t: object,
+    name: str,
+    shape: Sequence[int | None],
+    dtypes: Sequence[torch.dtype],
+    device: torch.device | None,
+) -> NoReturn:
+    """Raise the ValueError `check_tensor` names for `t` (which fails one of its checks)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    actual = t.shape
-    mismatch = len(actual) != len(shape) or any(
-        s is not None and s != a for s, a in zip(shape, actual, strict=True)
-    )
-    if mismatch:
+    if not _shape_matches(t.shape, shape):
         expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name} has shape {list(actual)}, expected {expected}")
+        raise ValueError(f"{name} has shape {list(t.shape)}, expected {expected}")
     if t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         actual = str(t.dtype).removeprefix("torch.")
         raise ValueError(f"{name} has dtype {actual}, expected one of {names}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} (that of the other tensors)")
+    raise ValueError(f"{name} is on {t.device}, expected {device} (that of the other tensors)")
 
 
 def check_caches(
@@ -53,6 +78,13 @@ def check_caches(
         dtypes=FLOAT_DTYPES,
         device=device,
     )
+    if (
+        isinstance(value_cache, torch.Tensor)
+        and value_cache.shape == key_cache.shape
+        and value_cache.dtype == key_cache.dtype
+        and value_cache.device == key_cache.device
+    ):
+        return
     check_tensor(
         value_cache,
         "value_cache",
@@ -65,8 +97,27 @@ def check_caches(
 def check_index_vector(t: object, name: str, *, length: int | None, device: torch.device) -> None:
     """A contiguous 1-D int32/int64 tensor (the kernels index it with unit stride)."""
     check_tensor(t, name, shape=(length,), dtypes=INDEX_DTYPES, device=device)
-    if t.dim() == 1 and t.numel() > 1 and t.stride(0) != 1:
+    if t.stride(0) != 1 and t.shape[0] > 1:
         raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (`triton.cdiv` costs microseconds per call on the host)."""
+    return -(-a // b)
+
+
+# CUDA's grid limits: x up to 2^31 - 1 programs, y and z up to 65,535.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(grid: tuple[int, ...], op: str) -> tuple[int, ...]:
+    """`grid` if it is within CUDA's limits (`MAX_GRID`), else a ValueError naming it."""
+    for size, limit in zip(grid, MAX_GRID):
+        if size > limit:
+            raise ValueError(
+                f"{op} would launch a grid of {grid} programs; CUDA allows at most {MAX_GRID}"
+            )
+    return grid
 
 
 def next_power_of_2(n: int) -> int:
@@ -106,11 +157,12 @@ def check_ids_in_range(
     *,
     low: int,
     high: int,
-    expected: str,
+    expected: str | Callable[[], str],
     read: torch.Tensor | None = None,
 ) -> None:
     """Every entry of `ids` (where `read` is True, if given) lies in [low, high); else a
-    ValueError "{name}[i, j] = {value} is out of range {expected}"."""
+    ValueError "{name}[i, j] = {value} is out of range {expected}" (`expected` may be a
+    function that returns the text, so that a passing check builds none)."""
     if _in_range(ids, low, high):
         return
     bad = (ids < low) | (ids >= high)
@@ -118,7 +170,8 @@ def check_ids_in_range(
         bad &= read
     if bool(bad.any()):
         where, index = _first(bad)
-        raise ValueError(f"{name}{where} = {int(ids[index])} is out of range {expected}")
+        text = expected() if callable(expected) else expected
+        raise ValueError(f"{name}{where} = {int(ids[index])} is out of range {text}")
 
 
 def first_block_read(
@@ -158,8 +211,10 @@ def check_seq_lens_and_tables(
         "seq_lens",
         low=0,
         high=max_keys + 1,
-        expected=f"(expected 0 to {max_keys}: block_tables rows hold {width} blocks of "
-        f"{block_size} slots)",
+        expected=lambda: (
+            f"(expected 0 to {max_keys}: block_tables rows hold {width} blocks of "
+            f"{block_size} slots)"
+        ),
     )
     if _in_range(block_tables, 0, num_blocks):
         return
@@ -173,7 +228,7 @@ def check_seq_lens_and_tables(
         "block_tables",
         low=0,
         high=num_blocks,
-        expected=f"for a pool of {num_blocks} blocks",
+        expected=lambda: f"for a pool of {num_blocks} blocks",
         read=read,
     )
 

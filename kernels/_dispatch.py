@@ -34,18 +34,23 @@ def triton_interpreted() -> bool:
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend an op runs with on `device`: "triton" or "torch"."""
-    source = "backend="
+    # Every launch asks: the default (no argument, no environment variable) returns at once.
     if backend is None:
-        backend = os.environ.get(ENV_VAR) or None
-        source = f"{ENV_VAR}="
-    if backend is None:
-        if device.type == "cuda" and HAS_TRITON:
-            return "triton"
-        return "triton" if device.type == "cpu" and triton_interpreted() else "torch"
+        backend = os.environ.get(ENV_VAR)
+        if not backend:
+            kind = device.type
+            if kind == "cuda":
+                return "triton" if HAS_TRITON else "torch"
+            return "triton" if kind == "cpu" and triton_interpreted() else "torch"
+        source = ENV_VAR
+    else:
+        source = "backend"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown kernels backend {source}{backend!r}; expected one of {BACKENDS}")
+        raise ValueError(
+            f"unknown kernels backend {source}={backend!r}; expected one of {BACKENDS}"
+        )
     if backend == "triton" and not HAS_TRITON:
-        raise ValueError(f"{source}'triton' but Triton is not installed; use backend 'torch'")
+        raise ValueError(f"{source}='triton' but Triton is not installed; use backend 'torch'")
     if backend == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(
             f"backend 'triton' on {device.type} tensors needs the Triton interpreter "
