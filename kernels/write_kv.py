@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 
 from . import _checks, _dispatch, reference
-from ._checks import FLOAT_DTYPES, check_caches, check_index_vector, check_tensor, next_power_of_2
-from ._config import AUTOTUNED, TUNED, KernelConfig, config_key, from_triton_config
+from ._checks import (
+    FLOAT_DTYPES,
+    cdiv,
+    check_caches,
+    check_grid,
+    check_index_vector,
+    check_tensor,
+    next_power_of_2,
+)
+from ._config import TUNED, KernelConfig, config_key, from_triton_config
 from ._triton import tl, triton
 
 
@@ -48,8 +55,10 @@ def _write_kv_kernel(
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
 
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    # int64: a head or dim stride of a large pool (head-major layouts) times the index may
+    # pass 2^31
+    offs_h = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM_PAD).to(tl.int64)
     mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     k = tl.load(
@@ -79,15 +88,17 @@ def _keep(config: triton.Config) -> bool:
     return config.kwargs["BLOCK_H"] * 64 >= 32 * config.num_warps  # >= 1 row of 64 per warp
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
-    args = {**named_args, **kwargs}
-    heads_pad = next_power_of_2(int(args.get("num_kv_heads", 1)))
+def _prune(configs: list[triton.Config], num_kv_heads: int) -> list[triton.Config]:
+    """The configs whose head tile does not exceed the launch's heads (padded)."""
+    heads_pad = next_power_of_2(num_kv_heads)
     kept = [c for c in configs if c.kwargs["BLOCK_H"] <= heads_pad]
     return kept or configs[:1]
 
 
 _NUM_STAGES = 1  # no loop to pipeline
-# Smallest tiles first (the cheapest under the interpreter, see examples/autotune.py).
+# The space examples/autotune.py sweeps (smallest tiles first: the cheapest under the
+# interpreter). Nothing autotunes on the serving path: a launch runs its explicit config, else
+# the tuned config of its key, else `_default_config`.
 _AUTOTUNE_CONFIGS = list(
     filter(
         _keep,
@@ -100,26 +111,34 @@ _AUTOTUNE_CONFIGS = list(
 )
 _TUNED_FIELDS = ("block_h", "num_warps")
 
-_write_kv_kernel_tuned = triton.autotune(
-    configs=_AUTOTUNE_CONFIGS,
-    key=["HEAD_DIM", "BLOCK_SIZE"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_write_kv_kernel)
-
 
 def candidate_configs(*, num_kv_heads: int) -> list[KernelConfig]:
-    """The configs autotune tries for launches with `num_kv_heads` heads: the autotune space
-    pruned as for such a launch, with only the fields autotune tunes. Each, set as the tuned
-    config of the launch's key, makes the launcher run exactly that config."""
-    kept = _prune(_AUTOTUNE_CONFIGS, {"num_kv_heads": num_kv_heads})
-    return [from_triton_config(c, _TUNED_FIELDS) for c in kept]
+    """The configs worth trying for launches with `num_kv_heads` heads (what
+    examples/autotune.py sweeps): the space pruned for such a launch, with only the fields it
+    tunes. Each, set as the tuned config of the launch's key, makes the launcher run exactly
+    that config."""
+    return [from_triton_config(c, _TUNED_FIELDS) for c in _prune(_AUTOTUNE_CONFIGS, num_kv_heads)]
 
 
 @functools.lru_cache(maxsize=1024)
 def _default_config(num_kv_heads: int, head_dim: int) -> KernelConfig:
+    """The shipped default: up to 2048 elements (all heads, if they fit) per program, about 8
+    per thread (one 16-byte vector of 16-bit values)."""
     head_dim_pad = next_power_of_2(head_dim)
     block_h = min(next_power_of_2(num_kv_heads), max(1, 2048 // head_dim_pad))
-    return KernelConfig(block_h=block_h, num_warps=4)
+    num_warps = min(8, max(1, block_h * head_dim_pad // 256))
+    return KernelConfig(block_h=block_h, num_warps=num_warps)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_config(
+    config: KernelConfig | None, tuned: KernelConfig | None, num_kv_heads: int, head_dim: int
+) -> KernelConfig:
+    """The config a launch runs: the explicit one, else the tuned one, else the default; the
+    fields it leaves open from the default."""
+    chosen = config if config is not None else tuned
+    default = _default_config(num_kv_heads, head_dim)
+    return default if chosen is None else chosen.merged(default)
 
 
 def write_kv(
@@ -158,7 +177,8 @@ def write_kv(
         device=device,
     )
     check_index_vector(slot_mapping, "slot_mapping", length=num_tokens, device=device)
-    config = KernelConfig.coerce(config)
+    if config is not None:
+        config = KernelConfig.coerce(config)
 
     backend = _dispatch.resolve_backend(backend, device)
     _dispatch.record("write_kv", backend)
@@ -169,8 +189,10 @@ def write_kv(
             "slot_mapping",
             low=-1,
             high=num_slots,
-            expected=f"(expected -1 to skip, or a slot in [0, {num_slots}): {num_blocks} blocks "
-            f"of {block_size} slots)",
+            expected=lambda: (
+                f"(expected -1 to skip, or a slot in [0, {num_slots}): "
+                f"{num_blocks} blocks of {block_size} slots)"
+            ),
         )
     if backend == "torch":
         reference.write_kv(key, value, key_cache, value_cache, slot_mapping)
@@ -180,13 +202,13 @@ def write_kv(
     if key.dtype != key_cache.dtype:  # cast in torch: round-to-nearest-even, like the reference
         key, value = key.to(key_cache.dtype), value.to(key_cache.dtype)
 
-    key_str = config_key(head_dim=head_dim, block_size=block_size, dtype=key_cache.dtype)
+    tuned = None
     if config is None:
-        config = TUNED.get("write_kv", key_str)
-    if config is None and _dispatch.triton_interpreted():
-        config = _default_config(num_kv_heads, head_dim)
-
-    args = (
+        key_str = config_key(head_dim=head_dim, block_size=block_size, dtype=key_cache.dtype)
+        tuned = TUNED.get("write_kv", key_str)
+    config = _launch_config(config, tuned, num_kv_heads, head_dim)
+    grid = check_grid((num_tokens, cdiv(num_kv_heads, config.block_h)), "write_kv")
+    _write_kv_kernel[grid](
         key,
         value,
         key_cache,
@@ -198,16 +220,9 @@ def write_kv(
         *value.stride(),
         *key_cache.stride(),
         *value_cache.stride(),
-    )
-    meta = {"BLOCK_SIZE": block_size, "HEAD_DIM": head_dim}
-    if config is None:
-        grid = lambda META: (num_tokens, triton.cdiv(num_kv_heads, META["BLOCK_H"]))
-        _write_kv_kernel_tuned[grid](*args, **meta)
-        tuned = from_triton_config(_write_kv_kernel_tuned.best_config, _TUNED_FIELDS)
-        AUTOTUNED.set("write_kv", key_str, tuned)
-        return
-    config = config.merged(_default_config(num_kv_heads, head_dim))
-    grid = (num_tokens, triton.cdiv(num_kv_heads, config.block_h))
-    _write_kv_kernel[grid](
-        *args, **meta, BLOCK_H=config.block_h, num_warps=config.num_warps, num_stages=_NUM_STAGES
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        BLOCK_H=config.block_h,
+        num_warps=config.num_warps,
+        num_stages=_NUM_STAGES,
     )

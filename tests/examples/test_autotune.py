@@ -117,7 +117,7 @@ def test_candidates_come_from_the_launchers_own_space(load_example, interpret):
     }
     write_kv_space = {
         KernelConfig(block_h=c.kwargs["BLOCK_H"], num_warps=c.num_warps)
-        for c in write_kv._write_kv_kernel_tuned.configs
+        for c in write_kv._AUTOTUNE_CONFIGS
     }
     tried = 0
     for heads, kv_heads, head_dim in [

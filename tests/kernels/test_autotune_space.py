@@ -125,19 +125,31 @@ def test_attention_candidate_runs_as_itself_when_tuned(make_paged, monkeypatch, 
 
 
 @pytest.mark.parametrize("hkv", [1, 3, 8, 32])
-def test_write_kv_candidates_are_what_autotune_tries(monkeypatch, _clean_tuned, hkv):
-    spy = _AutotuneSpy(write_kv_module._write_kv_kernel_tuned)
-    monkeypatch.setattr(write_kv_module, "_write_kv_kernel_tuned", spy)
-    _as_compiled(monkeypatch, write_kv_module)
-    cache = torch.zeros(4, 8, hkv, 64, dtype=F16)
-    key = torch.randn(3, hkv, 64).to(F16)
-    write_kv(key, key, cache, cache, torch.tensor([0, 9, 17]))
+def test_write_kv_candidates_are_the_pruned_space(hkv):
     got = write_kv_module.candidate_configs(num_kv_heads=hkv)
-    (pruned,) = spy.pruned
+    space = [(c.kwargs["BLOCK_H"], c.num_warps) for c in write_kv_module._AUTOTUNE_CONFIGS]
+    heads_pad = 1 << (hkv - 1).bit_length()
     assert [(c.block_h, c.num_warps) for c in got] == [
-        (c.kwargs["BLOCK_H"], c.num_warps) for c in pruned
+        (block_h, warps) for block_h, warps in space if block_h <= heads_pad
     ]
     assert all(set(c.to_dict()) == {"block_h", "num_warps"} for c in got)
+
+
+def test_write_kv_never_autotunes(monkeypatch, _clean_tuned):
+    """Without a config or a tuned one, the compiled-GPU path launches the kernel once with the
+    shipped default: no autotune (no stall on the first call, nothing CUDA graphs cannot
+    capture)."""
+    assert not hasattr(write_kv_module, "_write_kv_kernel_tuned")
+    spy = _LaunchSpy(write_kv_module._write_kv_kernel)
+    monkeypatch.setattr(write_kv_module, "_write_kv_kernel", spy)
+    _as_compiled(monkeypatch, write_kv_module)
+    cache = torch.zeros(4, 8, 3, 64, dtype=F16)
+    key = torch.randn(3, 3, 64).to(F16)
+    write_kv(key, key, cache, cache, torch.tensor([0, 9, 17]))
+    default = write_kv_module._default_config(3, 64)
+    (launched,) = spy.launches
+    assert (launched["BLOCK_H"], launched["num_warps"]) == (default.block_h, default.num_warps)
+    assert torch.equal(cache.flatten(0, 1)[[0, 9, 17]], key)
 
 
 def test_write_kv_candidate_runs_as_itself_when_tuned(monkeypatch, _clean_tuned):

@@ -3,6 +3,8 @@ pool views, padding slots, NaN-poisoned caches untouched outside the written slo
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -92,3 +94,27 @@ def test_write_kv_empty():
         backend="triton",
     )
     assert cache.isnan().all()
+
+
+def test_write_kv_grid_within_cuda_limits(monkeypatch):
+    """One program per token on axis 0 (limit 2^31 - 1) and per tile of heads on axis 1 (limit
+    65,535): the default tile keeps axis 1 small for any head count; a config that would pass
+    the limit is a ValueError naming the grid, not a failed launch."""
+    module = importlib.import_module("pagedkv.kernels.write_kv")  # the function shadows it
+    grids = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: grids.append(grid)
+
+    monkeypatch.setattr(module, "_write_kv_kernel", Spy())
+    heads = 70_000  # one-dim heads: tiny tensors
+    cache = torch.zeros(1, 2, heads, 1, dtype=F16)
+    key = torch.zeros(2, heads, 1, dtype=F16)
+    write_kv(key, key, cache, cache, torch.tensor([0, 1]), backend="triton")
+    ((tokens, head_tiles),) = grids
+    assert tokens == 2 and head_tiles <= 65535
+    with pytest.raises(ValueError, match=r"write_kv would launch a grid of \(2, 70000\) programs"):
+        write_kv(
+            key, key, cache, cache, torch.tensor([0, 1]), backend="triton", config={"block_h": 1}
+        )
