@@ -250,8 +250,15 @@ def run_generate(budget: Budget, out: dict, lazy: LazyModel, *, smoke: bool) -> 
             continue
         try:
             rounds = SMOKE_ROUNDS if smoke else MAX_ROUNDS
-            out["cases"][case.name] = compare(model, case, share, rounds)
+            r = out["cases"][case.name] = compare(model, case, share, rounds)
+            print(f"  {case.name}: paged/stock time {r['time_ratio']:.2f}x, KV "
+                  f"{_f(r['memory_ratio'])}x, rows differ {r['tokens']['rows_differ']} of "
+                  f"{r['tokens']['rows']}", flush=True)  # fmt: skip
         except Exception as err:
             out["failures"].append(f"{case.name}: raised {last_line(err)}")
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _f(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"

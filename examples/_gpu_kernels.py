@@ -18,6 +18,7 @@ Goals (docs/benchmarks.md): decode >= 85% of copy bandwidth at 64 x 1k and 16 x 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -205,10 +206,12 @@ def run_kernels(budget: Budget, out: dict, device, backend: str, *, smoke: bool)
         if not budget.allows(2 * estimate_s):
             out["skipped"].append(f"{name}: out of time")
             continue
+        t0 = time.perf_counter()
         try:
             step()
         except Exception as err:  # recorded; the next step runs
             out["failures"].append(f"{name}: raised {last_line(err)}")
+        print(f"  {name}: {time.perf_counter() - t0:.1f} s", flush=True)
         out["copy_gbps"] = rec.copy_gbps
         if device.type == "cuda":
             torch.cuda.empty_cache()
