@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from . import _checks, _dispatch, reference
-from ._checks import FLOAT_DTYPES, check_tensor, next_power_of_2
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_grid, check_tensor, next_power_of_2
 from ._triton import tl, triton
 
 
@@ -62,8 +64,9 @@ def _copy_blocks_kernel(
         v_row = offs
     else:
         HEAD_DIM_PAD: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
-        offs_h = tl.arange(0, HEADS_PAD)
-        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        # int64: a head or dim stride of a large pool times the index may pass 2^31
+        offs_h = tl.arange(0, HEADS_PAD).to(tl.int64)
+        offs_d = tl.arange(0, HEAD_DIM_PAD).to(tl.int64)
         mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
         k_row = chunk * stride_kc_o + offs_h[:, None] * stride_kc_h + offs_d[None, :] * stride_kc_d
         v_row = chunk * stride_vc_o + offs_h[:, None] * stride_vc_h + offs_d[None, :] * stride_vc_d
@@ -75,25 +78,50 @@ def _copy_blocks_kernel(
 # fmt: on
 
 
-def _layer_stride(caches: list[torch.Tensor]) -> int | None:
+def _layer_stride(caches: Sequence[torch.Tensor]) -> int | None:
     """Elements between consecutive layers' caches if they are evenly spaced views of one
     storage (the block-major pool), else None."""
     first = caches[0]
-    if any(c.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for c in caches):
+    n = len(caches)
+    storage = first.untyped_storage().data_ptr()
+    if [s.data_ptr() for s in map(torch.Tensor.untyped_storage, caches)].count(storage) != n:
         return None
-    if len(caches) == 1:
+    if n == 1:
         return 0
-    step_bytes = caches[1].data_ptr() - first.data_ptr()
+    ptrs = list(map(torch.Tensor.data_ptr, caches))
+    step_bytes = ptrs[1] - ptrs[0]
     if step_bytes % first.element_size():
         return None
-    if any(c.data_ptr() - first.data_ptr() != i * step_bytes for i, c in enumerate(caches)):
-        return None
-    return step_bytes // first.element_size()
+    if step_bytes == 0:
+        evenly_spaced = ptrs.count(ptrs[0]) == n
+    else:
+        evenly_spaced = ptrs == list(range(ptrs[0], ptrs[0] + n * step_bytes, step_bytes))
+    return step_bytes // first.element_size() if evenly_spaced else None
+
+
+def _check_layers(caches: Sequence[object], name: str, first: torch.Tensor) -> None:
+    """Every cache of `caches` a tensor of `first`'s shape, dtype and device, and of the strides
+    of `caches[0]` (a ValueError naming the first that is not)."""
+    shape, dtype, device = first.shape, first.dtype, first.device
+    stride = caches[0].stride() if isinstance(caches[0], torch.Tensor) else None
+    for i, cache in enumerate(caches):  # one pass of plain comparisons per layer
+        if (
+            isinstance(cache, torch.Tensor)
+            and cache.shape == shape
+            and cache.dtype == dtype
+            and cache.device == device
+        ):
+            if cache.stride() == stride:
+                continue
+            raise ValueError(
+                f"{name}[{i}] has strides {cache.stride()}, expected {stride} (those of {name}[0])"
+            )
+        check_tensor(cache, f"{name}[{i}]", shape=tuple(shape), dtypes=(dtype,), device=device)
 
 
 def copy_blocks(
-    key_caches: list[torch.Tensor],
-    value_caches: list[torch.Tensor],
+    key_caches: Sequence[torch.Tensor] | torch.Tensor,
+    value_caches: Sequence[torch.Tensor] | torch.Tensor,
     block_mapping: torch.Tensor,
     *,
     backend: str | None = None,
@@ -102,8 +130,11 @@ def copy_blocks(
     value cache, in ONE kernel launch.
 
     key_caches/value_caches: one ``[num_blocks, block_size, Hkv, D]`` cache per layer, all of one
-    shape, dtype and strides. block_mapping: ``[N, 2]`` int64 (or int32) (src, dst) pairs; dst
-    blocks must be distinct and must not also be sources (copies run in parallel).
+    shape, dtype and strides; or each one tensor ``[num_blocks, num_layers, block_size, Hkv, D]``
+    holding every layer (the K or V half of the block-major pool, ``pool[:, :, 0]``), whose
+    checks cost the same for any number of layers. block_mapping: ``[N, 2]`` int64 (or int32)
+    (src, dst) pairs; dst blocks must be distinct and must not also be sources (copies run in
+    parallel).
     When the layers are evenly spaced views of one storage (the block-major pool) the kernel
     walks them from one base pointer; otherwise it reads a table of per-layer data pointers.
     A block whose ``[block_size, Hkv, D]`` is contiguous (the pool, or contiguous caches) is
@@ -113,36 +144,41 @@ def copy_blocks(
     backend; on CUDA (no host sync) the kernel skips the pair. Nothing outside the caches is
     ever read or written.
     """
-    if not isinstance(key_caches, (list, tuple)) or not isinstance(value_caches, (list, tuple)):
-        raise ValueError("key_caches and value_caches must be lists of tensors (one per layer)")
-    if len(key_caches) != len(value_caches) or not key_caches:
-        raise ValueError(
-            f"need one key and one value cache per layer, got {len(key_caches)} key and "
-            f"{len(value_caches)} value caches"
+    stacked = isinstance(key_caches, torch.Tensor) and key_caches.dim() == 5
+    if stacked:
+        check_tensor(key_caches, "key_caches", shape=(None,) * 5, dtypes=FLOAT_DTYPES)
+        check_tensor(
+            value_caches,
+            "value_caches",
+            shape=tuple(key_caches.shape),
+            dtypes=(key_caches.dtype,),
+            device=key_caches.device,
         )
-    first = key_caches[0]
-    check_tensor(first, "key_caches[0]", shape=(None, None, None, None), dtypes=FLOAT_DTYPES)
-    num_blocks, block_size, num_kv_heads, head_dim = first.shape
-    device = first.device
-    for name, caches in (("key_caches", key_caches), ("value_caches", value_caches)):
-        for i, cache in enumerate(caches):
-            check_tensor(
-                cache,
-                f"{name}[{i}]",
-                shape=tuple(first.shape),
-                dtypes=(first.dtype,),
-                device=device,
+        num_blocks, num_layers, block_size, num_kv_heads, head_dim = key_caches.shape
+        device = key_caches.device
+    else:
+        if not isinstance(key_caches, (list, tuple)) or not isinstance(value_caches, (list, tuple)):
+            raise ValueError(
+                "key_caches and value_caches must be lists of tensors (one per layer), or each "
+                "one tensor [num_blocks, num_layers, block_size, num_kv_heads, head_dim]"
             )
-            if cache.stride() != caches[0].stride():
-                raise ValueError(
-                    f"{name}[{i}] has strides {cache.stride()}, expected {caches[0].stride()} "
-                    f"(those of {name}[0])"
-                )
+        if len(key_caches) != len(value_caches) or not key_caches:
+            raise ValueError(
+                f"need one key and one value cache per layer, got {len(key_caches)} key and "
+                f"{len(value_caches)} value caches"
+            )
+        first = key_caches[0]
+        check_tensor(first, "key_caches[0]", shape=(None, None, None, None), dtypes=FLOAT_DTYPES)
+        num_blocks, block_size, num_kv_heads, head_dim = first.shape
+        num_layers = len(key_caches)
+        device = first.device
+        _check_layers(key_caches, "key_caches", first)
+        _check_layers(value_caches, "value_caches", first)
     check_tensor(
         block_mapping,
         "block_mapping",
         shape=(None, 2),
-        dtypes=(torch.int32, torch.int64),
+        dtypes=INDEX_DTYPES,
         device=device,
     )
     if block_mapping.stride(1) != 1:
@@ -158,34 +194,46 @@ def copy_blocks(
             "block_mapping",
             low=0,
             high=num_blocks,
-            expected=f"for a pool of {num_blocks} blocks",
+            expected=lambda: f"for a pool of {num_blocks} blocks",
         )
     if backend == "torch":
-        reference.copy_blocks(list(key_caches), list(value_caches), block_mapping)
+        if stacked:  # block ids index dim 0 of the stacked layers as of a single layer
+            reference.copy_blocks([key_caches], [value_caches], block_mapping)
+        else:
+            reference.copy_blocks(list(key_caches), list(value_caches), block_mapping)
         return
-    num_pairs, num_layers = block_mapping.shape[0], len(key_caches)
-    if num_pairs == 0:
+    num_pairs = block_mapping.shape[0]
+    if num_pairs == 0 or num_layers == 0:
         return
 
-    key_step, value_step = _layer_stride(list(key_caches)), _layer_stride(list(value_caches))
-    use_ptr_table = key_step is None or value_step is None
-    if use_ptr_table:
-        key_ptrs = torch.tensor([c.data_ptr() for c in key_caches], dtype=torch.int64)
-        value_ptrs = torch.tensor([c.data_ptr() for c in value_caches], dtype=torch.int64)
-        key_ptrs, value_ptrs = key_ptrs.to(device), value_ptrs.to(device)
-        key_step = value_step = 0
-    else:
+    if stacked:  # one base pointer per cache; a layer's cache is `stride(1)` elements further
+        use_ptr_table = False
+        key_step, value_step = key_caches.stride(1), value_caches.stride(1)
+        k_strides = _without_layer(key_caches.stride())
+        v_strides = _without_layer(value_caches.stride())
+        key_base, value_base = key_caches, value_caches
         key_ptrs = value_ptrs = block_mapping  # unused placeholders
-    vc0 = value_caches[0]
+    else:
+        key_step, value_step = _layer_stride(key_caches), _layer_stride(value_caches)
+        use_ptr_table = key_step is None or value_step is None
+        if use_ptr_table:
+            key_ptrs = torch.tensor([c.data_ptr() for c in key_caches], dtype=torch.int64)
+            value_ptrs = torch.tensor([c.data_ptr() for c in value_caches], dtype=torch.int64)
+            key_ptrs, value_ptrs = key_ptrs.to(device), value_ptrs.to(device)
+            key_step = value_step = 0
+        else:
+            key_ptrs = value_ptrs = block_mapping  # unused placeholders
+        key_base, value_base = first, value_caches[0]
+        k_strides, v_strides = first.stride(), value_base.stride()
     block_numel = block_size * num_kv_heads * head_dim
     flat_strides = (num_kv_heads * head_dim, head_dim, 1)
-    flat = first.stride()[1:] == flat_strides and vc0.stride()[1:] == flat_strides
+    flat = k_strides[1:] == flat_strides and v_strides[1:] == flat_strides
     flat_chunk = min(next_power_of_2(block_numel), 4096)
-    chunks = triton.cdiv(block_numel, flat_chunk) if flat else block_size
-    grid = (num_pairs, num_layers, chunks)
+    chunks = cdiv(block_numel, flat_chunk) if flat else block_size
+    grid = check_grid((num_pairs, num_layers, chunks), "copy_blocks")
     _copy_blocks_kernel[grid](
-        first,
-        vc0,
+        key_base,
+        value_base,
         key_ptrs,
         value_ptrs,
         block_mapping,
@@ -194,8 +242,8 @@ def copy_blocks(
         block_numel,
         key_step,
         value_step,
-        *first.stride(),
-        *vc0.stride(),
+        *k_strides,
+        *v_strides,
         block_mapping.stride(0),
         HEAD_DIM=head_dim,
         HEADS_PAD=next_power_of_2(num_kv_heads),
@@ -204,3 +252,8 @@ def copy_blocks(
         FLAT_CHUNK=flat_chunk,
         num_warps=4,
     )
+
+
+def _without_layer(strides: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The strides of one layer's ``[num_blocks, block_size, Hkv, D]`` in a stacked cache."""
+    return strides[0], strides[2], strides[3], strides[4]

@@ -106,3 +106,46 @@ def test_copy_blocks_empty_mapping():
     before = [k.clone() for k in keys]
     copy_blocks(keys, values, torch.zeros(0, 2, dtype=torch.int64), backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(keys, before, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_stacked_layers_match_reference(backend):
+    """Each cache given as one tensor [num_blocks, num_layers, block_size, Hkv, D] (the K or V
+    half of the pool): the same copies as the per-layer lists, in one launch."""
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(6, 3, 2, 8, 2, 64, generator=gen).to(BF16)
+    expected = pool.clone()
+    mapping = torch.tensor([[1, 4], [2, 5]], dtype=torch.int32)
+    layers = range(3)
+    reference.copy_blocks(
+        [expected[:, i, 0] for i in layers], [expected[:, i, 1] for i in layers], mapping
+    )
+    with trace_backends() as calls:
+        copy_blocks(pool[:, :, 0], pool[:, :, 1], mapping, backend=backend)
+    assert calls == [("copy_blocks", backend)]
+    assert torch.equal(pool, expected)
+
+
+def test_stacked_layers_are_one_launch_from_one_base(monkeypatch):
+    module = importlib.import_module("pagedkv.kernels.copy_blocks")
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(module, "_copy_blocks_kernel", Spy())
+    pool = torch.zeros(6, 4, 2, 8, 2, 64, dtype=F16)
+    copy_blocks(pool[:, :, 0], pool[:, :, 1], torch.tensor([[1, 4]]), backend="triton")
+    ((grid, args, kwargs),) = launches
+    assert grid == (1, 4, 1) and not kwargs["USE_PTR_TABLE"] and kwargs["FLAT"]
+    layer_stride = pool.stride(1)
+    assert args[8:10] == (layer_stride, layer_stride)  # key / value step between layers
+
+
+def test_copy_blocks_grid_within_cuda_limits():
+    """Row by row, a block of more than 65,535 rows would pass CUDA's z-limit: refused with a
+    ValueError naming the grid, not a failed launch (a flat block is 4096-element chunks)."""
+    head_major = torch.zeros(2, 2, 70_000, 1, dtype=F16).transpose(1, 2)  # not flat
+    with pytest.raises(ValueError, match=r"copy_blocks would launch a grid of \(1, 1, 70000\)"):
+        copy_blocks([head_major], [head_major], torch.tensor([[0, 1]]), backend="triton")

@@ -216,6 +216,16 @@ def test_copy_blocks_errors():
         copy_blocks(layers, layers, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="block_mapping has dtype float32"):
         copy_blocks(layers, layers, torch.zeros(1, 2))
+    # every layer as one tensor [num_blocks, num_layers, block_size, Hkv, D]
+    stacked = torch.zeros(4, 3, 8, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"value_caches has shape \[4, 2, 8, 2, 64\], expected"):
+        copy_blocks(stacked, stacked[:, :2], mapping)
+    with pytest.raises(ValueError, match="value_caches has dtype float32, expected one of float16"):
+        copy_blocks(stacked, stacked.float(), mapping)
+    with pytest.raises(ValueError, match="value_caches must be a torch.Tensor, got list"):
+        copy_blocks(stacked, [stacked[:, 0]], mapping)
+    with pytest.raises(ValueError, match=r"block_mapping\[0, 1\] = 4 is out of range"):
+        copy_blocks(stacked, stacked, torch.tensor([[0, 4]]))
 
 
 def test_gather_kv_errors():
