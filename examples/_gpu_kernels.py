@@ -9,7 +9,8 @@ timed with `triton.testing.do_bench` (median, p20, p80) on CUDA; wall clock medi
   strided views ``pool[:, 0, 0]`` and ``pool[:, 0, 1]``: consecutive blocks of one layer are
   2 MiB apart) and a one-layer pool; and torch SDPA on a contiguous cache of the same content
   (GQA by `enable_gqa`). Each paged output is checked against SDPA's.
-- write_kv of 4k tokens (both layouts) and copy_blocks of 64 blocks of 2 MiB (32 layers).
+- write_kv of 4k tokens (both layouts) and copy_blocks of 64 blocks of 2 MiB (32 layers; the
+  caches given per layer and stacked as one tensor each).
 
 Goals (docs/benchmarks.md): decode >= 85% of copy bandwidth at 64 x 1k and 16 x 4k, >= 60% at
 1 x 8k, and no slower than SDPA on contiguous K/V; write_kv and copy_blocks >= 80% of copy.
@@ -175,16 +176,17 @@ def time_copy_blocks(rec: Recorder, device, backend: str, sizes: Sizes) -> None:
     pool = torch.zeros(2 * pairs + 1, layers, 2, BLOCK_SIZE, HKV, HEAD_DIM,
                        dtype=torch.bfloat16, device=device)  # fmt: skip
     mapping = torch.stack([torch.arange(pairs), torch.arange(pairs) + pairs], 1).to(device)
-    keys = [pool[:, i, 0] for i in range(layers)]
-    values = [pool[:, i, 1] for i in range(layers)]
     block_bytes = pool[0].numel() * 2
+    per_layer = ([pool[:, i, 0] for i in range(layers)], [pool[:, i, 1] for i in range(layers)])
+    stacked = (pool[:, :, 0], pool[:, :, 1])  # one tensor per K / V: checks once, any layers
+    for how, (keys, values) in (("per-layer views", per_layer), ("stacked", stacked)):
 
-    def copy_blocks():
-        kernels.copy_blocks(keys, values, mapping, backend=backend)
+        def copy_blocks(keys=keys, values=values):
+            kernels.copy_blocks(keys, values, mapping, backend=backend)
 
-    rec.time(copy_blocks, op="copy_blocks", shape=f"{pairs} x {block_bytes // 1024} KiB",
-             layout=f"pool {layers} layers", nbytes=2 * pairs * block_bytes,
-             goal_fraction=MOVE_GOAL)  # fmt: skip
+        rec.time(copy_blocks, op="copy_blocks", shape=f"{pairs} x {block_bytes // 1024} KiB",
+                 layout=f"pool {layers} layers, {how}", nbytes=2 * pairs * block_bytes,
+                 goal_fraction=MOVE_GOAL)  # fmt: skip
 
 
 def run_kernels(budget: Budget, out: dict, device, backend: str, *, smoke: bool) -> None:
