@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _checks, _dispatch, reference
@@ -100,6 +102,7 @@ def _gather_kv_kernel(
 TILE_ELEMENTS = 4096  # elements of K (and of V) one program copies, at most
 
 
+@functools.lru_cache(maxsize=256)
 def block_positions(num_kv_heads: int, head_dim: int) -> int:
     """BLOCK_P: positions per program, so a program copies about TILE_ELEMENTS elements of K
     and of V (at most 64 positions)."""
@@ -113,6 +116,8 @@ def launch_grids(num_seqs: int, max_positions: int, block_p: int) -> list[tuple[
     most 65,535 per launch (CUDA's limit there): more sequences take more launches."""
     tiles = cdiv(max_positions, block_p)
     per_launch = MAX_GRID[1]
+    if num_seqs <= per_launch:
+        return [(0, check_grid((tiles, num_seqs), "gather_kv"))]
     return [
         (first, check_grid((tiles, min(per_launch, num_seqs - first)), "gather_kv"))
         for first in range(0, num_seqs, per_launch)
@@ -177,10 +182,10 @@ def gather_kv(
     if num_tokens is None:
         num_tokens = int(seq_lens.sum())
     out = key_cache.new_empty(2, num_tokens, num_kv_heads, head_dim)  # one allocation for both
-    key, value = out[0], out[1]
+    key, value = out.unbind()
     if num_tokens == 0 or max_positions == 0:
         return key, value
-    seq_ends = torch.cumsum(seq_lens, 0, dtype=torch.int64)
+    seq_ends = seq_lens.cumsum(0, dtype=torch.int64)
     block_p = block_positions(num_kv_heads, head_dim)
     for first, grid in launch_grids(num_seqs, max_positions, block_p):
         _gather_kv_kernel[grid](
