@@ -8,14 +8,15 @@
 Shapes come from a transformers config (`--model`, `--config-json`) or from flags (heads, KV
 heads, head_dim), crossed with block sizes, dtypes, batch sizes and context lengths. For each
 op -- `paged_attention` decode and prefill, `write_kv` -- and each tuned-config key
-(head_dim, block size, dtype, mode: never token counts), every config of the launcher's own
-autotune space for that launch (`candidate_configs` of pagedkv.kernels.attention / .write_kv:
-pruned as the launcher's autotune prunes it) is first checked against the torch reference,
+(head_dim, block size, dtype, mode: never token counts), every config of the op's candidate
+space for that launch (`candidate_configs` of pagedkv.kernels.attention / .write_kv: the
+configs that fit the launch) is first checked against the torch reference,
 then timed with `triton.testing.do_bench` (median) on every shape. The table shows config,
 time, GB/s (the bytes the op must move at least) and that as a percentage of a
 device-to-device copy measured in the same run. The best config per key is the
 one with the lowest geometric mean of (time / best time) over the key's shapes; the best configs
-are saved with `pagedkv.kernels.save_tuned_configs`, and launchers use them after
+are saved with `pagedkv.kernels.save_tuned_configs`, and launchers use them (instead of their
+shipped defaults; launchers never autotune by themselves) after
 
     from pagedkv.kernels import load_tuned_configs
     load_tuned_configs("tuned.json")
@@ -133,7 +134,7 @@ def geometry(args, parser) -> Geometry:
 
 # ---- candidate configs --------------------------------------------------------------------------
 def candidates(mode: str, g: Geometry, dtype, interpret: bool) -> list:
-    """The configs the launcher's own autotune would try for this op and geometry, carrying the
+    """The op's candidate configs for this geometry (see `candidate_configs`), carrying the
     fields it tunes. Under --interpret the first two: the spaces are ordered smallest tile
     first, the cheapest in the interpreter."""
     if mode == "write_kv":

@@ -20,11 +20,12 @@ tensors (and for CPU tensors under ``TRITON_INTERPRET=1``), else torch; `trace_b
 records which one ran.
 
 Launch configs: ``config=KernelConfig(...)`` (or a dict) on `paged_attention` / `write_kv`
-bypasses autotune; `set_tuned_config` / `load_tuned_configs` register configs by
-`config_key(head_dim=, block_size=, dtype=, mode=)`; `save_tuned_configs` writes those plus what
-autotune picked in this process. A ``tuned_configs.json`` beside this file is loaded if shipped.
-`candidate_configs` of the attention and write_kv modules lists a launch's autotune space (what
-examples/autotune.py sweeps).
+runs that config; `set_tuned_config` / `load_tuned_configs` register configs by
+`config_key(head_dim=, block_size=, dtype=, mode=)`; otherwise a launch runs the op's shipped
+default (launchers never autotune). `save_tuned_configs` writes the registered configs. A
+``tuned_configs.json`` beside this file is loaded if shipped. `candidate_configs` of the
+attention and write_kv modules lists a launch's candidate space (what examples/autotune.py
+sweeps).
 """
 
 from . import reference

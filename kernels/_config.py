@@ -2,9 +2,9 @@
 
 A launcher picks its config in this order: the caller's ``config=``; a tuned config under the
 op's key (loaded with `load_tuned_configs`, set with `set_tuned_config`, or shipped as
-``tuned_configs.json`` beside this file); under the Triton interpreter a fixed default
-(autotuning there is far too slow); otherwise ``triton.autotune``, whose pick
-`save_tuned_configs` writes out.
+``tuned_configs.json`` beside this file); else the op's shipped default. Launchers never
+autotune: examples/autotune.py sweeps each op's candidate configs and saves the best with
+`save_tuned_configs`.
 Keys name head_dim, block_size and dtype (and the attention mode), never token counts.
 """
 
@@ -92,10 +92,9 @@ def config_key(
 class TunedConfigs:
     """op name -> key -> KernelConfig, with a JSON round trip.
 
-    Two process-wide instances, like Triton's own autotune cache (they only ever hold configs,
-    so a stale entry costs speed, never correctness): `TUNED`, which launchers consult, and
-    `AUTOTUNED`, where launchers note what ``triton.autotune`` picked so `save_tuned_configs`
-    can write it out. `TUNED` starts from ``tuned_configs.json`` beside this file, if shipped.
+    One process-wide instance, `TUNED`, which launchers consult, like Triton's own autotune
+    cache (it only ever holds configs, so a stale entry costs speed, never correctness). It
+    starts from ``tuned_configs.json`` beside this file, if shipped.
     """
 
     def __init__(self, defaults_path: Path | None = None) -> None:
@@ -136,15 +135,12 @@ class TunedConfigs:
 
 SHIPPED_CONFIGS = Path(__file__).with_name("tuned_configs.json")
 TUNED = TunedConfigs(SHIPPED_CONFIGS)
-AUTOTUNED = TunedConfigs()
 
 
 def save_tuned_configs(path: str | os.PathLike) -> None:
-    """Write the configs autotune picked in this process, overridden by those loaded or set,
-    as JSON (op -> key -> config fields)."""
-    data = AUTOTUNED.to_dict()
-    for op, table in TUNED.to_dict().items():
-        data.setdefault(op, {}).update(table)
+    """Write the registered configs (set, loaded or shipped) as JSON (op -> key -> config
+    fields)."""
+    data = TUNED.to_dict()
     with open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -171,13 +167,12 @@ def get_tuned_config(op: str, key: str) -> KernelConfig | None:
 
 
 def clear_tuned_configs() -> None:
-    """Forget loaded, set, shipped and autotune-picked configs."""
+    """Forget loaded, set and shipped configs."""
     TUNED.clear()
-    AUTOTUNED.clear()
 
 
 def from_triton_config(config: Any, fields: tuple[str, ...]) -> KernelConfig:
-    """The KernelConfig of a `triton.Config` from an op's autotune space, with only `fields`
+    """The KernelConfig of a `triton.Config` from an op's candidate space, with only `fields`
     (those the op's launcher tunes, so that the config run as a tuned config is the same)."""
     names = {"BLOCK_N": "block_n", "BLOCK_H": "block_h", "BLOCK_M": "block_m"}
     values = {names[k]: v for k, v in config.kwargs.items() if k in names}

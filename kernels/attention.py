@@ -4,8 +4,9 @@ Each program owns one KV head and a tile of BLOCK_M query rows = BLOCK_Q query t
 GROUP query heads that share that KV head (GQA/MQA), so every K/V tile is loaded once for the
 whole group and the group forms the M dimension of ``tl.dot``. Keys are walked in tiles of
 BLOCK_N through the block table (a tile may span several pages or part of one). With
-NUM_SPLITS > 1 the key range is split across programs (flash-decoding) and a second kernel merges
-the partial results by log-sum-exp.
+SPLIT_K the key range is split across `num_splits` programs (flash-decoding; a runtime argument, so
+one compiled kernel serves any split count) and a second kernel merges the partial results by
+log-sum-exp.
 
 With a sliding window the tiles wholly before a q-tile's window are skipped and the block-table
 entries before it are not read (a sliding KV group sets those of its released blocks to -1).
@@ -31,7 +32,7 @@ from ._checks import (
     check_tensor,
     next_power_of_2,
 )
-from ._config import AUTOTUNED, TUNED, KernelConfig, config_key, from_triton_config
+from ._config import TUNED, KernelConfig, config_key, from_triton_config
 from ._triton import tl, triton
 
 
@@ -54,36 +55,43 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _tile_blocks(tile, kv_lo, kv_hi, bt_row_ptr, stride_bt_n, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """[BLOCK_N] int64: the block of each key of tile `tile`. Keys at or past kv_hi (or before
+    kv_lo with USE_WINDOW) get block -1: their entries are never read, so nothing past the row of
+    the block table, nor an entry of a block before the window (which may hold -1)."""
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    read_entry = offs_n < kv_hi
+    if USE_WINDOW:
+        read_entry = read_entry & (offs_n >= kv_lo)
+    block = tl.load(bt_row_ptr + (offs_n // BLOCK_SIZE) * stride_bt_n, mask=read_entry, other=-1)
+    return block.to(tl.int64)
+
+
+@triton.jit
 def _attend_tile(
-    tile, q, m_i, l_i, acc, row_lo, row_hi, kv_lo, kv_hi, num_blocks, bt_row_ptr, stride_bt_n,
+    tile, block, q, m_i, l_i, acc, row_lo, row_hi, num_blocks,
     k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b, stride_vc_o,
     slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
+    MASKED: tl.constexpr,
     USE_SLOT_VALID: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     """One online-softmax step over key tile `tile`: returns the updated (m_i, l_i, acc).
-    q: [BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: [BLOCK_M] (log2 domain); acc: [BLOCK_M, HEAD_DIM_PAD].
-    The loop invariants come from the caller: row r sees keys [row_lo[r], row_hi[r]); k_base,
-    v_base point at this KV head, k_dim, v_dim: [HEAD_DIM_PAD] offsets of its dims; scores are
-    s * qk_scale, then cap * tanh(.) with USE_SOFTCAP. Keys at or past kv_hi, keys before kv_lo
-    with USE_WINDOW (not even their block-table entries are read: the entries of blocks a
-    sliding KV group released may hold -1) and keys in a block outside [0, num_blocks) are never
-    read (they load as zeros); with USE_SLOT_VALID a key whose slot is invalid is not attended
-    and its value is not read. (Excluding out-of-pool keys from
+    block: [BLOCK_N] the block of each key (`_tile_blocks`, -1 = not read); q: [BLOCK_M,
+    HEAD_DIM_PAD]; m_i, l_i: [BLOCK_M] (log2 domain); acc: [BLOCK_M, HEAD_DIM_PAD]. The loop
+    invariants come from the caller: row r sees keys [row_lo[r], row_hi[r]), a bound applied
+    only when MASKED (the caller leaves it off for tiles every row sees whole); k_base, v_base
+    point at this KV head, k_dim, v_dim: [HEAD_DIM_PAD] offsets of its dims; scores are
+    s * qk_scale, then cap * tanh(.) with USE_SOFTCAP. Keys in a block outside [0, num_blocks)
+    (-1 included) are never read (they load as zeros); with USE_SLOT_VALID a key whose slot is
+    invalid is not attended and its value is not read. (Excluding out-of-pool keys from
     the softmax too would cost the default path a per-key mask on the scores: 8 to 18 more
     registers per thread on sm_90; a load mask costs none.)"""
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    # keys at or past kv_hi (or before kv_lo) get block -1: never read, never past the row of
-    # the block table, never an entry of a block before the window
-    read_entry = offs_n < kv_hi
-    if USE_WINDOW:
-        read_entry = read_entry & (offs_n >= kv_lo)
-    block = tl.load(bt_row_ptr + (offs_n // BLOCK_SIZE) * stride_bt_n, mask=read_entry, other=-1)
-    block = block.to(tl.int64)
     offset = offs_n % BLOCK_SIZE
     in_pool = (block >= 0) & (block < num_blocks)  # ids outside the pool read as zeros
 
@@ -97,14 +105,15 @@ def _attend_tile(
     s = s * qk_scale
     if USE_SOFTCAP:  # cap * tanh(s), tanh written with exp2 (no libdevice needed)
         s = (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634)) + 1.0)) * cap
-    visible = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
+    if MASKED:
+        visible = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
     read_v = in_pool
     if USE_SLOT_VALID:  # an invalid slot is not attended, its V (maybe NaN) not read
         slot_valid = tl.load(slot_valid_ptr + block * stride_sv_b + offset * stride_sv_o,
                              mask=in_pool, other=1) != 0
-        visible = visible & slot_valid[None, :]
+        s = tl.where(slot_valid[None, :], s, float("-inf"))
         read_v = read_v & slot_valid
-    s = tl.where(visible, s, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
@@ -123,8 +132,59 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
+@triton.jit
+def _attend_range(
+    tile_lo, tile_hi, q, m_i, l_i, acc, row_lo, row_hi, kv_lo, kv_hi, num_blocks, bt_row_ptr,
+    stride_bt_n, k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b,
+    stride_vc_o, slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SLOT_VALID: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
+):
+    """`_attend_tile` over tiles [tile_lo, tile_hi): returns the updated (m_i, l_i, acc).
+
+    Compiled, the loop reads each tile's block ids one tile ahead, so the addresses of a tile's
+    K/V loads come from the previous iteration: Triton's pipeliner then keeps num_stages - 1
+    K/V tiles in flight (with the table load in the same iteration it waits for every copy).
+    The interpreter keeps scalars as 1-element arrays, which numpy >= 2.3 refuses as range()
+    bounds: it walks the tiles with a while loop. The loop body is the same function either way.
+    """
+    if WHILE_LOOP:
+        tile = tile_lo
+        while tile < tile_hi:
+            block = _tile_blocks(tile, kv_lo, kv_hi, bt_row_ptr, stride_bt_n, BLOCK_SIZE, BLOCK_N,
+                                 USE_WINDOW)
+            m_i, l_i, acc = _attend_tile(
+                tile, block, q, m_i, l_i, acc, row_lo, row_hi, num_blocks, k_base, v_base, k_dim,
+                v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b, stride_vc_o,
+                slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
+                BLOCK_SIZE, BLOCK_N, MASKED, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT,
+            )
+            tile += 1
+    else:
+        block = _tile_blocks(tile_lo, kv_lo, kv_hi, bt_row_ptr, stride_bt_n, BLOCK_SIZE, BLOCK_N,
+                             USE_WINDOW)
+        for tile in range(tile_lo, tile_hi):
+            next_block = _tile_blocks(tile + 1, kv_lo, kv_hi, bt_row_ptr, stride_bt_n, BLOCK_SIZE,
+                                      BLOCK_N, USE_WINDOW)
+            m_i, l_i, acc = _attend_tile(
+                tile, block, q, m_i, l_i, acc, row_lo, row_hi, num_blocks, k_base, v_base, k_dim,
+                v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b, stride_vc_o,
+                slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
+                BLOCK_SIZE, BLOCK_N, MASKED, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT,
+            )
+            block = next_block
+    return m_i, l_i, acc
+
+
 @triton.jit(
-    do_not_specialize=["num_seqs", "num_tokens", "num_blocks", "max_keys", "sliding_window"]
+    do_not_specialize=["num_splits", "num_seqs", "num_tokens", "num_blocks", "max_keys",
+                       "sliding_window"]
 )
 def _paged_attention_kernel(
     # pointers
@@ -137,9 +197,10 @@ def _paged_attention_kernel(
     slot_valid_ptr,  # [num_blocks, BLOCK_SIZE] uint8, 0 = never attended (USE_SLOT_VALID only)
     sinks_ptr,  # [num_q_heads] any float dtype, a logit per query head (USE_SINKS only)
     out_ptr,
-    partial_out_ptr,  # [NUM_SPLITS, num_tokens, num_q_heads, HEAD_DIM_PAD] fp32 (NUM_SPLITS > 1)
-    partial_lse_ptr,  # [NUM_SPLITS, num_tokens, num_q_heads] fp32, log2 domain
+    partial_out_ptr,  # [num_splits, num_tokens, num_q_heads, HEAD_DIM_PAD] fp32 (SPLIT_K only)
+    partial_lse_ptr,  # [num_splits, num_tokens, num_q_heads] fp32, log2 domain
     # sizes and scalars
+    num_splits,  # key-range partitions (grid axis 2); 1 unless SPLIT_K
     num_seqs,
     num_tokens,
     num_blocks,
@@ -166,7 +227,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     IS_DECODE: tl.constexpr,
     CAUSAL: tl.constexpr,
     USE_WINDOW: tl.constexpr,
@@ -181,14 +242,16 @@ def _paged_attention_kernel(
     # block_tables:           [num_seqs, max_blocks]; seq_lens: [num_seqs]
     # query_start_loc:        [num_seqs + 1] (unused when IS_DECODE: one query per sequence)
     # slot_valid:             [num_blocks, block_size] (any strides)
-    # sinks:                  [num_q_heads] (any stride); applied here when NUM_SPLITS == 1,
-    #                         else once in _merge_splits_kernel
-    # grid:                   (q-blocks, num_kv_heads, NUM_SPLITS)
+    # sinks:                  [num_q_heads] (any stride); applied here, or with SPLIT_K once in
+    #                         _merge_splits_kernel
+    # grid:                   (q-blocks, num_kv_heads, num_splits)
     # Whatever the index values, nothing outside the tensors is read or written: keys stop at
     # max_keys, block ids outside [0, num_blocks) are not read (their keys load as zeros), query
     # rows outside [0, num_tokens) are neither read nor written. With USE_WINDOW the block-table
     # entries of keys before a q-tile's window (kv_lo) are not read: they may hold anything.
     q_block_id = tl.program_id(0)
+    if not IS_DECODE:  # the last (causal: heaviest) q-blocks first, so the light ones fill the tail
+        q_block_id = tl.num_programs(0) - 1 - q_block_id
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
 
@@ -240,7 +303,7 @@ def _paged_attention_kernel(
         kv_lo = tl.maximum(pos_first - sliding_window + 1, 0)
     tile_lo = kv_lo // BLOCK_N
     num_tiles = tl.maximum(tl.cdiv(kv_hi, BLOCK_N) - tile_lo, 0)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_start = tile_lo + split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tile_lo + num_tiles)
 
@@ -267,31 +330,39 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    # The interpreter keeps scalars as 1-element arrays, which numpy >= 2.3 refuses as range()
-    # bounds; it walks the tiles with a while loop. Compiled kernels use `for`, which Triton
-    # software-pipelines (num_stages); the loop body is the same function either way.
-    if WHILE_LOOP:
-        tile = tile_start
-        while tile < tile_end:
-            m_i, l_i, acc = _attend_tile(
-                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_lo, kv_hi, num_blocks, bt_row_ptr,
-                stride_bt_n, k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o,
-                stride_vc_b, stride_vc_o, slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
-                BLOCK_SIZE, BLOCK_N, USE_WINDOW, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT,
-            )
-            tile += 1
-    else:
-        for tile in range(tile_start, tile_end):
-            m_i, l_i, acc = _attend_tile(
-                tile, q, m_i, l_i, acc, row_lo, row_hi, kv_lo, kv_hi, num_blocks, bt_row_ptr,
-                stride_bt_n, k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o,
-                stride_vc_b, stride_vc_o, slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
-                BLOCK_SIZE, BLOCK_N, USE_WINDOW, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT,
-            )
+    # Tiles every valid row sees whole need no bound on the scores: keys [full_lo, full_hi) are
+    # visible to every row of the tile (causal: up to the first query; window: from the last
+    # query's window start). The tiles before and after them are attended with the bound.
+    full_hi = kv_hi
+    if CAUSAL:
+        full_hi = tl.maximum(tl.minimum(kv_hi, pos_first + 1), 0)
+    full_lo = kv_lo
+    if USE_WINDOW:
+        full_lo = tl.maximum(pos_last - sliding_window + 1, kv_lo)
+    mid_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N), tile_start), tile_end)
+    mid_hi = tl.minimum(tl.maximum(full_hi // BLOCK_N, mid_lo), tile_end)
+    m_i, l_i, acc = _attend_range(
+        tile_start, mid_lo, q, m_i, l_i, acc, row_lo, row_hi, kv_lo, kv_hi, num_blocks, bt_row_ptr,
+        stride_bt_n, k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b,
+        stride_vc_o, slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
+        BLOCK_SIZE, BLOCK_N, True, USE_WINDOW, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT, WHILE_LOOP,
+    )
+    m_i, l_i, acc = _attend_range(
+        mid_lo, mid_hi, q, m_i, l_i, acc, row_lo, row_hi, kv_lo, kv_hi, num_blocks, bt_row_ptr,
+        stride_bt_n, k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b,
+        stride_vc_o, slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
+        BLOCK_SIZE, BLOCK_N, False, USE_WINDOW, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT, WHILE_LOOP,
+    )
+    m_i, l_i, acc = _attend_range(
+        mid_hi, tile_end, q, m_i, l_i, acc, row_lo, row_hi, kv_lo, kv_hi, num_blocks, bt_row_ptr,
+        stride_bt_n, k_base, v_base, k_dim, v_dim, d_valid, stride_kc_b, stride_kc_o, stride_vc_b,
+        stride_vc_o, slot_valid_ptr, stride_sv_b, stride_sv_o, qk_scale, cap,
+        BLOCK_SIZE, BLOCK_N, True, USE_WINDOW, USE_SLOT_VALID, USE_SOFTCAP, FP32_DOT, WHILE_LOOP,
+    )
 
     # A row that saw no key (l_i == 0) outputs exactly 0.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    if USE_SINKS and NUM_SPLITS == 1:
+    if USE_SINKS and not SPLIT_K:
         # The sink's logit (log2 domain) joins the softmax sum; its probability is dropped.
         # A row that saw no key adds 1 to its 1: 0 / 2 (a sink of -inf there is no NaN).
         sink = tl.load(sinks_ptr + q_head * stride_sk_h, mask=row_valid, other=0.0)
@@ -300,7 +371,7 @@ def _paged_attention_kernel(
         l_safe += tl.exp2(tl.where(saw_any, sink - tl.where(saw_any, m_i, 0.0), 0.0))
     o = acc / l_safe[:, None]
     out_mask = row_valid[:, None] & d_valid[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT_K:
         o_ptrs = (
             out_ptr + q_token[:, None] * stride_o_t + q_head[:, None] * stride_o_h
             + offs_d[None, :] * stride_o_d
@@ -318,13 +389,15 @@ def _paged_attention_kernel(
                  mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     # pointers
     partial_out_ptr,
     partial_lse_ptr,
     sinks_ptr,  # USE_SINKS only
     out_ptr,
+    # sizes
+    num_splits,  # at most MAX_SPLITS
     # strides
     stride_po_s, stride_po_t, stride_po_h,
     stride_pl_s, stride_pl_t,
@@ -332,44 +405,39 @@ def _merge_splits_kernel(
     stride_o_t, stride_o_h, stride_o_d,
     # meta-parameters
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
     USE_SINKS: tl.constexpr,
 ):
-    # partial_out: [NUM_SPLITS, num_tokens, num_q_heads, >= HEAD_DIM] fp32, each split normalised
-    # partial_lse: [NUM_SPLITS, num_tokens, num_q_heads] fp32 log2-sum-exp, -inf = saw no key
+    # partial_out: [num_splits, num_tokens, num_q_heads, >= HEAD_DIM] fp32, each split normalised
+    # partial_lse: [num_splits, num_tokens, num_q_heads] fp32 log2-sum-exp, -inf = saw no key
     # sinks:       [num_q_heads] any float dtype (any stride): one more logit in each softmax
     # out:         [num_tokens, num_q_heads, head_dim]
     # grid:        (num_tokens, num_q_heads)
     HEAD_DIM_PAD: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
-    SPLITS_PAD: tl.constexpr = triton.next_power_of_2(NUM_SPLITS)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
-    offs_s = tl.arange(0, SPLITS_PAD).to(tl.int64)  # splits x tokens x heads x dims passes 2^31
+    offs_s = tl.arange(0, MAX_SPLITS).to(tl.int64)  # splits x tokens x heads x dims passes 2^31
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    s_valid = offs_s < NUM_SPLITS
     d_valid = offs_d < HEAD_DIM
-
-    lse = tl.load(
-        partial_lse_ptr + offs_s * stride_pl_s + token * stride_pl_t + head,
-        mask=s_valid,
-        other=float("-inf"),
-    )
+    lse_ptrs = partial_lse_ptr + token * stride_pl_t + head
+    lse = tl.load(lse_ptrs + offs_s * stride_pl_s, mask=offs_s < num_splits, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     if USE_SINKS:  # the sink counts once, here: its weight joins the total, not the output
         sink = tl.load(sinks_ptr + head * stride_sk_h).to(tl.float32) * 1.4426950408889634
         lse_max = tl.maximum(lse_max, sink)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weight = tl.exp2(lse - lse_max)  # 0 for splits that saw no key
-    total = tl.sum(weight, 0)
+    total = tl.sum(tl.exp2(lse - lse_max), 0)  # splits that saw no key weigh 0
     if USE_SINKS:
         total += tl.exp2(sink - lse_max)
-    o = tl.load(
-        partial_out_ptr + offs_s[:, None] * stride_po_s + token * stride_po_t + head * stride_po_h
-        + offs_d[None, :],
-        mask=s_valid[:, None] & d_valid[None, :],
-        other=0.0,
-    )
-    o = tl.sum(o * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    # One split's row at a time: the runtime split count needs no register tile per split.
+    o = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    po_ptrs = partial_out_ptr + token * stride_po_t + head * stride_po_h + offs_d
+    split = tl.full([], 0, tl.int64)
+    while split < num_splits:
+        weight = tl.exp2(tl.load(lse_ptrs + split * stride_pl_s) - lse_max)
+        o += tl.load(po_ptrs + split * stride_po_s, mask=d_valid, other=0.0) * weight
+        split += 1
+    o = o / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d * stride_o_d,
              o.to(out_ptr.dtype.element_ty), mask=d_valid)
 # fmt: on
@@ -380,21 +448,31 @@ def _accumulator_regs(block_m: int, block_n: int, head_dim_pad: int, num_warps: 
     return block_m * (head_dim_pad + block_n) / (32 * num_warps)
 
 
+SHARED_LIMIT = 227 * 1024  # bytes of shared memory one program may use on sm_90
+
+
+def _shared_bytes(block_m: int, block_n: int, head_dim_pad: int, num_stages: int,
+                  fp32: bool) -> int:  # fmt: skip
+    """Shared memory a compiled program uses at most (checked against the compiler over the
+    candidate space in tests/kernels/test_gpu_compile.py): the pipeliner keeps num_stages - 1
+    K and V tiles in flight, plus layout-conversion scratch for the query and score tiles."""
+    element = 4 if fp32 else 2
+    in_flight = (num_stages - 1) * 2 * block_n * head_dim_pad * element
+    return in_flight + 3 * block_m * head_dim_pad * element + block_m * block_n * 4
+
+
 def _fits(block_m: int, block_n: int, head_dim_pad: int, num_warps: int, num_stages: int,
           fp32: bool) -> bool:  # fmt: skip
     """Whether a tile runs spill-free within shared memory on sm_90 (rules checked against
-    ptxas -v over the autotune space, see tests/kernels/test_gpu_compile.py). fp32 caches use an
-    IEEE dot on the FMA units, which needs small tiles and 8 warps."""
+    ptxas -v over the candidate space, see tests/kernels/test_gpu_compile.py). fp32 caches use
+    an IEEE dot on the FMA units, which needs small tiles and 8 warps."""
+    shared = _shared_bytes(block_m, block_n, head_dim_pad, num_stages, fp32)
+    if shared > SHARED_LIMIT:
+        return False
     if fp32:
         return block_m <= 16 and block_n == 32 and num_warps == 8
-    shared = 2 * block_n * head_dim_pad * 2 * num_stages  # K and V stages, 16-bit
     regs = _accumulator_regs(block_m, block_n, head_dim_pad, num_warps)
-    return block_n >= 32 and shared <= 160 * 1024 and regs < 128
-
-
-def _keep(config: triton.Config) -> bool:
-    block_n, num_warps = config.kwargs["BLOCK_N"], config.num_warps
-    return not (block_n >= 128 and num_warps < 4)
+    return block_n >= 32 and regs < 128
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
@@ -411,36 +489,27 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> lis
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], -c.num_warps, c.num_stages))]
 
 
-# Smallest tiles first (the cheapest under the interpreter, see examples/autotune.py).
-_AUTOTUNE_CONFIGS = list(
-    filter(
-        _keep,
-        [
-            triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-            for block_n in (32, 64, 128)
-            for num_warps in (2, 4, 8)
-            for num_stages in (2, 3)
-        ],
-    )
-)
-_TUNED_FIELDS = ("block_n", "num_warps", "num_stages")  # what autotune picks; block_m is fixed
-
-_paged_attention_kernel_tuned = triton.autotune(
-    configs=_AUTOTUNE_CONFIGS,
-    key=["HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "IS_DECODE"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_paged_attention_kernel)
+# The candidate space examples/autotune.py sweeps (launchers never autotune by themselves).
+# Smallest tiles first (the cheapest under the interpreter).
+_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+    for block_n in (32, 64, 128)
+    for num_warps in (4, 8)  # 2 warps spill with the block ids carried a tile ahead
+    for num_stages in (3, 4)  # 2 stages never keep a K/V tile in flight
+]
+_TUNED_FIELDS = ("block_n", "num_warps", "num_stages")  # what a sweep tunes; block_m is fixed
+MAX_SPLITS = 64  # split-K partitions at most (the merge kernel holds one lse per split)
 
 
 def choose_num_splits(num_programs: int, max_context: int, block_n: int, num_sms: int) -> int:
     """Split-K factor: enough programs to fill ~2 waves of SMs, at least 4 key tiles per split,
-    at most 64 splits. `max_context` is an upper bound (block table width x block size), so no
+    at most MAX_SPLITS. `max_context` is an upper bound (block table width x block size), so no
     device->host sync is needed."""
     if num_programs >= num_sms or max_context <= 0:
         return 1
     wanted = math.ceil(2 * num_sms / max(num_programs, 1))
     tiles = math.ceil(max_context / block_n)
-    return max(1, min(wanted, tiles // 4, 64))
+    return max(1, min(wanted, tiles // 4, MAX_SPLITS))
 
 
 @functools.lru_cache(maxsize=64)
@@ -457,22 +526,25 @@ def _pads(head_dim: int, group: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=1024)
 def _default_config(is_decode: bool, head_dim_pad: int, group_pad: int, fp32: bool) -> KernelConfig:
-    """The config used without autotune (interpreter, or fields a partial config leaves open)."""
+    """The shipped default: what a launch runs without a tuned config (and the fields a partial
+    config leaves open). Three stages keep two K/V tiles in flight; prefill takes 128 query rows
+    where head_dim allows (each K/V tile serves twice the queries of 64 rows). 8 warps: with 4,
+    decode with a window and sinks already spills on sm_90 (ptxas caps it at 128 registers)."""
     if fp32:
-        return KernelConfig(block_m=max(16, group_pad), block_n=32, num_warps=8, num_stages=2)
-    block_m = 16 if is_decode else (128 if head_dim_pad <= 64 else 64)
+        return KernelConfig(block_m=max(16, group_pad), block_n=32, num_warps=8, num_stages=3)
+    block_m = 16 if is_decode else (128 if head_dim_pad <= 128 else 64)
     block_m = max(block_m, group_pad)
     block_n = 64 if head_dim_pad <= 128 else 32
-    num_warps = 4 if _accumulator_regs(block_m, block_n, head_dim_pad, 4) < 128 else 8
-    return KernelConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=2)
+    return KernelConfig(block_m=block_m, block_n=block_n, num_warps=8, num_stages=3)
 
 
 def candidate_configs(
     *, head_dim: int, group: int, dtype: torch.dtype, mode: str
 ) -> list[KernelConfig]:
-    """The configs autotune tries for launches of this key and query-head group (Hq // Hkv):
-    the autotune space pruned as for such a launch, with only the fields autotune tunes. Each,
-    set as the tuned config of the key, makes the launcher run exactly that config."""
+    """The candidate configs for launches of this key and query-head group (Hq // Hkv): the
+    space examples/autotune.py sweeps, pruned to the configs that fit such a launch, with only
+    the fields a sweep tunes. Each, set as the tuned config of the key, makes the launcher run
+    exactly that config."""
     if mode not in ("decode", "prefill"):
         raise ValueError(f"mode must be 'decode' or 'prefill', got {mode!r}")
     head_dim_pad, group_pad = _pads(head_dim, group)
@@ -590,6 +662,8 @@ def paged_attention(
     if softcap is not None and (isinstance(softcap, bool) or not softcap > 0):
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
     config = KernelConfig.coerce(config)
+    if config is not None and config.num_splits is not None and config.num_splits > MAX_SPLITS:
+        raise ValueError(f"config num_splits must be at most {MAX_SPLITS}, got {config.num_splits}")
 
     backend = _dispatch.resolve_backend(backend, device)
     _dispatch.record("paged_attention", backend)
@@ -635,7 +709,6 @@ def paged_attention(
 
     if config is None:
         config = TUNED.get("paged_attention", key_str)
-    autotune = config is None and not _dispatch.triton_interpreted()
     fp32 = query.dtype == torch.float32
     defaults = _default_config(is_decode, head_dim_pad, group_pad, fp32)
     config = (config or KernelConfig()).merged(defaults)
@@ -651,7 +724,8 @@ def paged_attention(
         num_splits = choose_num_splits(
             num_q_blocks * num_kv_heads, max_blocks * block_size, config.block_n, _num_sms(device)
         )
-    if num_splits > 1:
+    split_k = num_splits > 1
+    if split_k:
         partial_out = torch.empty(
             num_splits, num_tokens, num_q_heads, head_dim_pad, dtype=torch.float32, device=device
         )
@@ -660,8 +734,8 @@ def paged_attention(
         )
     else:
         partial_out = partial_lse = out  # unused placeholders
-    po_strides = partial_out.stride()[:3] if num_splits > 1 else (0, 0, 0)
-    pl_strides = partial_lse.stride()[:2] if num_splits > 1 else (0, 0)
+    po_strides = partial_out.stride()[:3] if split_k else (0, 0, 0)
+    pl_strides = partial_lse.stride()[:2] if split_k else (0, 0)
     use_slot_valid = slot_valid is not None
     if use_slot_valid:
         slot_valid = slot_valid.view(torch.uint8)  # bool as bytes: one kernel for both dtypes
@@ -685,6 +759,7 @@ def paged_attention(
         out,
         partial_out,
         partial_lse,
+        num_splits,
         num_seqs,
         num_tokens,
         num_blocks,
@@ -710,7 +785,7 @@ def paged_attention(
         "GROUP_PAD": group_pad,
         "BLOCK_M": block_m,
         "BLOCK_Q": block_q,
-        "NUM_SPLITS": num_splits,
+        "SPLIT_K": split_k,
         "IS_DECODE": is_decode,
         # a decode query is the sequence's last token: causality is implied by k < seq_len
         "CAUSAL": bool(causal) and not is_decode,
@@ -722,30 +797,26 @@ def paged_attention(
         "WHILE_LOOP": _dispatch.triton_interpreted(),
     }
     grid = (num_q_blocks, num_kv_heads, num_splits)
-    if autotune:
-        _paged_attention_kernel_tuned[grid](*args, **meta)
-        tuned = from_triton_config(_paged_attention_kernel_tuned.best_config, _TUNED_FIELDS)
-        AUTOTUNED.set("paged_attention", key_str, tuned)
-    else:
-        _paged_attention_kernel[grid](
-            *args,
-            **meta,
-            BLOCK_N=config.block_n,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-    if num_splits > 1:
+    _paged_attention_kernel[grid](
+        *args,
+        **meta,
+        BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if split_k:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             partial_out,
             partial_lse,
             sinks,
             out,
+            num_splits,
             *partial_out.stride()[:3],
             *partial_lse.stride()[:2],
             sk_stride,
             *out.stride(),
             HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
+            MAX_SPLITS=MAX_SPLITS,
             USE_SINKS=use_sinks,
             num_warps=4,
         )

@@ -100,8 +100,8 @@ def test_bad_flag_values_are_named(load_example, capsys):
 
 @pytest.mark.parametrize("interpret", [False, True], ids=["full", "interpret"])
 def test_candidates_come_from_the_launchers_own_space(load_example, interpret):
-    """autotune.py sweeps the configs the launchers' autotune would try: each is an entry of the
-    launcher's `triton.autotune` space (as a KernelConfig of the fields it tunes), none other."""
+    """autotune.py sweeps the launchers' candidate spaces: each config it tries is an entry of the
+    op's space (as a KernelConfig of the fields it tunes), none other."""
     import importlib
 
     import torch
@@ -113,7 +113,7 @@ def test_candidates_come_from_the_launchers_own_space(load_example, interpret):
     write_kv = importlib.import_module("pagedkv.kernels.write_kv")
     attention_space = {
         KernelConfig(block_n=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages)
-        for c in attention._paged_attention_kernel_tuned.configs
+        for c in attention._AUTOTUNE_CONFIGS
     }
     write_kv_space = {
         KernelConfig(block_h=c.kwargs["BLOCK_H"], num_warps=c.num_warps)

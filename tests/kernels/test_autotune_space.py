@@ -1,5 +1,6 @@
-"""`candidate_configs`: the launchers' own autotune spaces, pruned as the launcher's autotune
-prunes them for a launch, and each config runs as itself once set as the tuned config."""
+"""`candidate_configs`: the launchers' candidate spaces (what examples/autotune.py sweeps), pruned
+for a launch, and each config runs as itself once set as the tuned config. Launchers themselves
+never autotune: they run a tuned config or the shipped default."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class _LaunchSpy:
 
 
 def _as_compiled(monkeypatch, module):
-    """Make `module`'s launcher take its compiled-GPU path (autotune) for CPU tensors."""
+    """Make `module`'s launcher take its compiled-GPU path for CPU tensors."""
     fake = types.SimpleNamespace(
         resolve_backend=lambda backend, device: "triton",
         record=lambda op, backend: None,
@@ -76,31 +77,79 @@ ATTENTION_CASES = [
 ]
 
 
+class _RecordSpy:
+    """Stands in for a @triton.jit kernel on the compiled path: records each launch's grid,
+    runtime arguments and meta-parameters, launches nothing."""
+
+    def __init__(self, kernel):
+        self.arg_names, self.launches = kernel.arg_names, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches.append({"grid": grid, "args": dict(zip(self.arg_names, args)), **meta})
+
+        return launch
+
+
+def _attend(problem, **kwargs):
+    return paged_attention(
+        problem.query, problem.key_cache, problem.value_cache, problem.block_tables,
+        problem.seq_lens, scale=0.125, query_start_loc=problem.query_start_loc, **kwargs,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("seq_lens, q_lens, hq, hkv, d, dtype", ATTENTION_CASES)
-def test_attention_candidates_are_what_autotune_tries(
+def test_compiled_launch_runs_the_shipped_default_not_autotune(
     make_paged, monkeypatch, _clean_tuned, seq_lens, q_lens, hq, hkv, d, dtype
 ):
+    """Nothing autotunes on the serving path: with no tuned config the compiled launch runs the
+    default config, one of the candidates (the pruned space) when any fits, and no pipelined
+    loop of the default runs on fewer than 3 stages (2 never keep a K/V tile in flight)."""
     problem = make_paged(seq_lens, q_lens, hq, hkv, d, 16, dtype, poison=False)
-    spy = _AutotuneSpy(attention_module._paged_attention_kernel_tuned)
-    monkeypatch.setattr(attention_module, "_paged_attention_kernel_tuned", spy)
+    spy = _RecordSpy(attention_module._paged_attention_kernel)
+    monkeypatch.setattr(attention_module, "_paged_attention_kernel", spy)
     _as_compiled(monkeypatch, attention_module)
-    paged_attention(
-        problem.query,
-        problem.key_cache,
-        problem.value_cache,
-        problem.block_tables,
-        problem.seq_lens,
-        scale=d**-0.5,
-        query_start_loc=problem.query_start_loc,
-    )
+    assert not hasattr(attention_module, "_paged_attention_kernel_tuned")
+    _attend(problem)
+    (launch,) = spy.launches
     mode = "decode" if q_lens is None else "prefill"
+    default = attention_module._default_config(
+        q_lens is None, launch["HEAD_DIM_PAD"], launch["GROUP_PAD"], dtype == F32
+    )
+    assert (launch["BLOCK_N"], launch["num_warps"], launch["num_stages"]) == (
+        default.block_n, default.num_warps, default.num_stages,
+    )  # fmt: skip
+    assert launch["num_stages"] >= 3
     got = attention_module.candidate_configs(head_dim=d, group=hq // hkv, dtype=dtype, mode=mode)
-    (pruned,) = spy.pruned
+    meta = {"HEAD_DIM_PAD": launch["HEAD_DIM_PAD"], "BLOCK_M": launch["BLOCK_M"],
+            "FP32_DOT": dtype == F32}  # fmt: skip
+    pruned = attention_module._prune(attention_module._AUTOTUNE_CONFIGS, meta)
     assert [(c.block_n, c.num_warps, c.num_stages) for c in got] == [
         (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned
     ]
-    assert all(c in attention_module._AUTOTUNE_CONFIGS for c in pruned)
+    assert all(c.num_stages >= 3 for c in got)
     assert all(set(c.to_dict()) == {"block_n", "num_warps", "num_stages"} for c in got)
+
+
+def test_split_count_is_a_runtime_argument(make_paged, monkeypatch, _clean_tuned):
+    """Every split count > 1 launches the same compiled kernel (same meta-parameters, the count
+    is an argument), so a new count mid-generation compiles nothing; the merge likewise."""
+    problem = make_paged([300, 9], None, 8, 2, 64, 16, F16, poison=False)
+    spy = _RecordSpy(attention_module._paged_attention_kernel)
+    merge = _RecordSpy(attention_module._merge_splits_kernel)
+    monkeypatch.setattr(attention_module, "_paged_attention_kernel", spy)
+    monkeypatch.setattr(attention_module, "_merge_splits_kernel", merge)
+    _as_compiled(monkeypatch, attention_module)
+    for splits in (2, 5, 17):
+        _attend(problem, config={"num_splits": splits})
+    metas = [{k: v for k, v in launch.items() if k not in ("grid", "args")} for launch in spy.launches]
+    assert metas[0] == metas[1] == metas[2] and metas[0]["SPLIT_K"]
+    assert [launch["args"]["num_splits"] for launch in spy.launches] == [2, 5, 17]
+    assert [launch["grid"][2] for launch in spy.launches] == [2, 5, 17]
+    merge_metas = [{k: v for k, v in m.items() if k not in ("grid", "args")} for m in merge.launches]
+    assert merge_metas[0] == merge_metas[1] == merge_metas[2]
+    with pytest.raises(ValueError, match="num_splits must be at most 64, got 65"):
+        _attend(problem, config={"num_splits": 65})
 
 
 def test_attention_candidate_runs_as_itself_when_tuned(make_paged, monkeypatch, _clean_tuned):

@@ -143,10 +143,8 @@ def test_config_key():
 
 
 def test_tuned_configs_round_trip(tmp_path, _clean_tuned):
-    config_module = importlib.import_module("pagedkv.kernels._config")
-    # what autotune picked is saved, but a loaded/set config for the same key wins
-    config_module.AUTOTUNED.set("paged_attention", "D64-bs8-float32-decode", {"block_n": 64})
-    config_module.AUTOTUNED.set("paged_attention", "D80-bs8-float32-decode", {"num_warps": 8})
+    kernels.set_tuned_config("paged_attention", "D64-bs8-float32-decode", {"block_n": 64})
+    kernels.set_tuned_config("paged_attention", "D80-bs8-float32-decode", {"num_warps": 8})
     kernels.set_tuned_config("paged_attention", "D64-bs8-float32-decode", {"block_n": 16})
     kernels.set_tuned_config("write_kv", "D64-bs8-float32", KernelConfig(block_h=2, num_warps=2))
     path = tmp_path / "tuned.json"
@@ -204,9 +202,10 @@ def test_launcher_uses_loaded_config_by_key(make_paged, monkeypatch, _clean_tune
     explicit = paged_attention(*args, scale=0.125, config=KernelConfig(block_n=32, num_splits=2))
 
     default, tuned, forced = spy.launches
-    assert default["NUM_SPLITS"] == 1 and default["BLOCK_N"] == 32  # fp32 default tile
-    assert tuned["NUM_SPLITS"] == 3 and tuned["BLOCK_N"] == 16 and tuned["grid"] == (2, 2, 3)
-    assert forced["NUM_SPLITS"] == 2 and forced["BLOCK_N"] == 32  # explicit beats tuned
+    assert not default["SPLIT_K"] and default["grid"] == (2, 2, 1)
+    assert default["BLOCK_N"] == 32  # fp32 default tile
+    assert tuned["SPLIT_K"] and tuned["BLOCK_N"] == 16 and tuned["grid"] == (2, 2, 3)
+    assert forced["grid"] == (2, 2, 2) and forced["BLOCK_N"] == 32  # explicit beats tuned
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(explicit, expected, atol=1e-5, rtol=1e-5)
 

@@ -1,6 +1,7 @@
 """Compile every kernel for an H100 (sm_90) without a GPU: the Triton frontend, its GPU passes
 and ptxas run on CPU. Catches what the interpreter cannot: constructs the compiler rejects,
-shared-memory overflow of the autotune space, and a decode loop that is not software-pipelined.
+shared-memory overflow of the candidate space, register spills, and K/V loops that do not keep a
+tile in flight (every in-loop `cp.async.wait_group` must leave a group outstanding).
 
 Runs in a subprocess because this process decorated the kernels for the interpreter.
 """
@@ -41,6 +42,30 @@ SCRIPT = textwrap.dedent(
         return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", out))
 
 
+    def loop_waits(ptx):
+        """The `cp.async.wait_group N` counts inside loops (code between a label and a backward
+        branch to it). N > 0: the loop waits for its oldest copy only, later tiles stay in
+        flight; N = 0 waits for every copy issued, so loads never overlap compute."""
+        lines = ptx.splitlines()
+        labels = {}
+        for i, line in enumerate(lines):
+            label = re.match(r"\s*(\$L__\w+):", line)
+            if label:
+                labels[label.group(1)] = i
+        waits = []
+        for i, line in enumerate(lines):
+            branch = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
+            if branch and labels.get(branch.group(1), i) < i:
+                body = lines[labels[branch.group(1)]:i]
+                waits += [int(n) for l in body for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", l)]
+        return waits
+
+
+    def assert_pipelined(kernel, what):
+        waits = loop_waits(kernel.asm["ptx"])
+        assert waits and min(waits) > 0, (what, "K/V loop waits for every copy", waits)
+
+
     def compile_kernel(fn, pointer_types, constexprs, num_warps=4, num_stages=2):
         """Compile like a launch would: unit strides specialised to 1, pointers and other
         strides 16-divisible, lengths plain i32."""
@@ -76,49 +101,49 @@ SCRIPT = textwrap.dedent(
 
     UNIT = {"stride_q_d": 1, "stride_kc_d": 1, "stride_vc_d": 1, "stride_o_d": 1, "stride_bt_n": 1}
     DECODE = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "GROUP": 4, "GROUP_PAD": 4,
-              "BLOCK_M": 16, "BLOCK_Q": 4, "BLOCK_N": 64, "NUM_SPLITS": 1, "IS_DECODE": True,
+              "BLOCK_M": 16, "BLOCK_Q": 4, "BLOCK_N": 64, "SPLIT_K": False, "IS_DECODE": True,
               "CAUSAL": False, "USE_WINDOW": False, "USE_SOFTCAP": False, "USE_SLOT_VALID": False,
               "USE_SINKS": False, "FP32_DOT": False, "WHILE_LOOP": False, **UNIT}
-    PREFILL = {**DECODE, "IS_DECODE": False, "CAUSAL": True, "BLOCK_M": 64, "BLOCK_Q": 16}
+    PREFILL = {**DECODE, "IS_DECODE": False, "CAUSAL": True, "BLOCK_M": 128, "BLOCK_Q": 32}
     variants = [
         ("*bf16", DECODE, 3),
-        ("*bf16", {**DECODE, "NUM_SPLITS": 32}, 3),
-        ("*fp16", {**DECODE, "HEAD_DIM": 80, "GROUP": 3, "BLOCK_Q": 4, "BLOCK_SIZE": 8}, 2),
-        ("*bf16", {**PREFILL, "BLOCK_SIZE": 32}, 2),
-        ("*fp16", {**PREFILL, "USE_WINDOW": True, "USE_SOFTCAP": True, "NUM_SPLITS": 2}, 2),
-        ("*bf16", {**PREFILL, "CAUSAL": False, "GROUP": 8, "GROUP_PAD": 8, "BLOCK_Q": 8}, 2),
+        ("*bf16", {**DECODE, "SPLIT_K": True}, 3),
+        ("*fp16", {**DECODE, "HEAD_DIM": 80, "GROUP": 3, "BLOCK_Q": 4, "BLOCK_SIZE": 8}, 3),
+        ("*bf16", {**PREFILL, "BLOCK_SIZE": 32}, 3),
+        ("*fp16", {**PREFILL, "USE_WINDOW": True, "USE_SOFTCAP": True, "SPLIT_K": True}, 3),
+        ("*bf16", {**PREFILL, "CAUSAL": False, "GROUP": 8, "GROUP_PAD": 8, "BLOCK_Q": 16}, 3),
         ("*fp32", {**DECODE, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32,
-                   "FP32_DOT": True}, 2),
-        ("*bf16", {**PREFILL, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32}, 2),
+                   "FP32_DOT": True}, 3),
+        ("*bf16", {**PREFILL, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32}, 3),
         # a per-slot validity mask (slot_valid=) with every other switch
         ("*bf16", {**DECODE, "USE_SLOT_VALID": True}, 3),
         ("*fp16", {**PREFILL, "USE_SLOT_VALID": True, "USE_WINDOW": True, "USE_SOFTCAP": True,
-                   "NUM_SPLITS": 2}, 2),
+                   "SPLIT_K": True}, 3),
         ("*fp32", {**DECODE, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32,
-                   "FP32_DOT": True, "USE_SLOT_VALID": True}, 2),
+                   "FP32_DOT": True, "USE_SLOT_VALID": True}, 3),
         # attention sinks (sinks=): applied in the kernel, or in the merge with split-K
         ("*bf16", {**DECODE, "USE_SINKS": True}, 3),
-        ("*bf16", {**DECODE, "USE_SINKS": True, "USE_WINDOW": True, "NUM_SPLITS": 32}, 3),
-        ("*fp16", {**PREFILL, "USE_SINKS": True, "USE_WINDOW": True, "USE_SOFTCAP": True}, 2),
+        ("*bf16", {**DECODE, "USE_SINKS": True, "USE_WINDOW": True, "SPLIT_K": True}, 3),
+        ("*fp16", {**PREFILL, "USE_SINKS": True, "USE_WINDOW": True, "USE_SOFTCAP": True}, 3),
         ("*fp32", {**DECODE, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "BLOCK_N": 32,
-                   "FP32_DOT": True, "USE_SINKS": True, "USE_WINDOW": True}, 2),
+                   "FP32_DOT": True, "USE_SINKS": True, "USE_WINDOW": True}, 3),
     ]
     for dtype, constexprs, stages in variants:
+        warps = 8 if constexprs["BLOCK_M"] >= 128 or constexprs["FP32_DOT"] else 4
         kernel = compile_kernel(attention._paged_attention_kernel, attention_types(dtype),
-                                constexprs, num_stages=stages)
-        if constexprs["IS_DECODE"] and not constexprs["FP32_DOT"]:
-            # K/V loads of the decode loop are software-pipelined (async copies)
-            assert "cp.async" in kernel.asm["ptx"], "decode K/V loads are not pipelined"
+                                constexprs, num_warps=warps, num_stages=stages)
+        assert_pipelined(kernel, (dtype, constexprs))
 
-    # Every config autotune may try (after the prune), and the no-autotune default (also with
-    # a sliding window, slot_valid= or sinks=), for the main shapes: compiles, fits shared
-    # memory, does not spill registers.
+    # Every candidate config (the space examples/autotune.py sweeps, pruned for the launch) and
+    # the shipped default (also with a sliding window, slot_valid= or sinks=), for the main
+    # shapes: compiles, keeps K/V tiles in flight, uses no more shared memory than `_fits`
+    # counts, does not spill registers.
     D256 = {"HEAD_DIM": 256, "HEAD_DIM_PAD": 256}
     spaces = [
         ("*bf16", DECODE),
         ("*bf16", PREFILL),
-        ("*bf16", {**PREFILL, **D256}),
-        ("*fp16", {**PREFILL, "HEAD_DIM": 64, "HEAD_DIM_PAD": 64, "BLOCK_M": 128, "BLOCK_Q": 32}),
+        ("*bf16", {**PREFILL, **D256, "BLOCK_M": 64, "BLOCK_Q": 16}),
+        ("*fp16", {**PREFILL, "HEAD_DIM": 64, "HEAD_DIM_PAD": 64}),
         ("*fp32", {**DECODE, **D256, "FP32_DOT": True}),
         ("*fp32", {**PREFILL, "BLOCK_M": 16, "BLOCK_Q": 4, "FP32_DOT": True}),
     ]
@@ -137,6 +162,11 @@ SCRIPT = textwrap.dedent(
             constexprs = {**base, "BLOCK_N": block_n, **switches}
             kernel = compile_kernel(attention._paged_attention_kernel, attention_types(dtype),
                                     constexprs, num_warps, num_stages)
+            what = (dtype, constexprs, num_warps, num_stages)
+            assert_pipelined(kernel, what)
+            estimate = attention._shared_bytes(base["BLOCK_M"], block_n, base["HEAD_DIM_PAD"],
+                                               num_stages, base["FP32_DOT"])
+            assert kernel.metadata.shared <= estimate, (what, kernel.metadata.shared, estimate)
             spills = spill_bytes(kernel) if os.path.exists(PTXAS) else 0
             assert spills == 0, (dtype, constexprs, num_warps, num_stages, spills)
             tried += 1
@@ -145,7 +175,7 @@ SCRIPT = textwrap.dedent(
         compile_kernel(attention._merge_splits_kernel,
                        {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
                         "sinks_ptr": "*bf16", "out_ptr": "*bf16"},
-                       {"HEAD_DIM": 80, "NUM_SPLITS": 5, "USE_SINKS": sinks})
+                       {"HEAD_DIM": 80, "MAX_SPLITS": attention.MAX_SPLITS, "USE_SINKS": sinks})
     kv = {"key_ptr": "*bf16", "value_ptr": "*bf16", "key_cache_ptr": "*bf16",
           "value_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"}
     for config in write_kv._AUTOTUNE_CONFIGS:
@@ -162,8 +192,9 @@ SCRIPT = textwrap.dedent(
     compile_kernel(gather_kv._gather_kv_kernel,
                    {"key_cache_ptr": "*bf16", "value_cache_ptr": "*bf16",
                     "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-                    "seq_starts_ptr": "*i64", "key_out_ptr": "*bf16", "value_out_ptr": "*bf16"},
-                   {"BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEADS_PAD": 8})
+                    "seq_ends_ptr": "*i64", "key_out_ptr": "*bf16", "value_out_ptr": "*bf16"},
+                   {"BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEADS_PAD": 8,
+                    "BLOCK_P": gather_kv.block_positions(8, 128)})
     print("compiled", len(variants) + tried, "attention variants")
     '''
 )
