@@ -100,12 +100,16 @@ class TunedConfigs:
     def __init__(self, defaults_path: Path | None = None) -> None:
         self._table: dict[str, dict[str, KernelConfig]] = {}
         self._defaults_path = defaults_path
+        # Bumped by every change: launchers cache their launch plans under it (see
+        # attention._launch_plan), so a config set, loaded or cleared takes effect at once.
+        self.version = 0
 
     def _load_defaults(self) -> None:
         path, self._defaults_path = self._defaults_path, None
         if path is not None and path.exists():
             with open(path) as f:
                 self.update_from_dict(json.load(f))
+            self.version += 1
 
     def get(self, op: str, key: str) -> KernelConfig | None:
         self._load_defaults()
@@ -114,11 +118,13 @@ class TunedConfigs:
     def set(self, op: str, key: str, config: KernelConfig | dict[str, Any]) -> None:
         self._load_defaults()
         self._table.setdefault(op, {})[key] = KernelConfig.coerce(config)
+        self.version += 1
 
     def clear(self) -> None:
         """Forget every config, shipped defaults included."""
         self._defaults_path = None
         self._table.clear()
+        self.version += 1
 
     def to_dict(self) -> dict[str, dict[str, dict[str, int]]]:
         self._load_defaults()
@@ -131,6 +137,7 @@ class TunedConfigs:
         for op, table in data.items():
             for key, config in table.items():
                 self._table.setdefault(op, {})[key] = KernelConfig.coerce(config)
+        self.version += 1
 
 
 SHIPPED_CONFIGS = Path(__file__).with_name("tuned_configs.json")

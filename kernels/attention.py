@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -555,6 +555,64 @@ def candidate_configs(
     return [from_triton_config(c, _TUNED_FIELDS) for c in _prune(_AUTOTUNE_CONFIGS, meta)]
 
 
+class _LaunchPlan(NamedTuple):
+    """What a launch of one shape family runs, worked out once (`_launch_plan` caches it)."""
+
+    meta: dict[str, Any]  # the kernel's meta-parameters and launch options but SPLIT_K
+    block_q: int  # query tokens per q-block
+    block_n: int
+    head_dim_pad: int
+    num_splits: int | None  # the config's split count; None: chosen per launch
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(
+    is_decode: bool, head_dim: int, block_size: int, num_q_heads: int, num_kv_heads: int,
+    dtype: torch.dtype, config: KernelConfig | None, tuned_version: int, causal: bool,
+    use_window: bool, use_softcap: bool, use_slot_valid: bool, use_sinks: bool,
+) -> _LaunchPlan:  # fmt: skip
+    """The config (explicit, else tuned by key, else the shipped default) and meta-parameters
+    of a launch. Keyed on shapes and switches, never lengths; `tuned_version` changes whenever a
+    tuned config is set, loaded or cleared, so a new tuned config takes effect at once."""
+    group = num_q_heads // num_kv_heads
+    head_dim_pad, group_pad = _pads(head_dim, group)
+    if config is None:
+        mode = "decode" if is_decode else "prefill"
+        key = config_key(head_dim=head_dim, block_size=block_size, dtype=dtype, mode=mode)
+        config = TUNED.get("paged_attention", key)
+    fp32 = dtype == torch.float32
+    config = (config or _NO_CONFIG).merged(_default_config(is_decode, head_dim_pad, group_pad, fp32))
+    if config.block_n < 16:
+        raise ValueError(f"config block_n must be >= 16 (tl.dot needs it), got {config.block_n}")
+    block_m = max(config.block_m, group_pad, 16)
+    block_q = block_m // group_pad
+    meta = {
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": head_dim_pad,
+        "BLOCK_SIZE": block_size,
+        "GROUP": group,
+        "GROUP_PAD": group_pad,
+        "BLOCK_M": block_m,
+        "BLOCK_Q": block_q,
+        "BLOCK_N": config.block_n,
+        "IS_DECODE": is_decode,
+        # a decode query is the sequence's last token: causality is implied by k < seq_len
+        "CAUSAL": causal and not is_decode,
+        "USE_WINDOW": use_window,
+        "USE_SOFTCAP": use_softcap,
+        "USE_SLOT_VALID": use_slot_valid,
+        "USE_SINKS": use_sinks,
+        "FP32_DOT": fp32,
+        "WHILE_LOOP": _dispatch.triton_interpreted(),
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+    }
+    return _LaunchPlan(meta, block_q, config.block_n, head_dim_pad, config.num_splits)
+
+
+_NO_CONFIG = KernelConfig()
+
+
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -702,108 +760,52 @@ def paged_attention(
     if num_tokens == 0:
         return out
     is_decode = query_start_loc is None
-    group = num_q_heads // num_kv_heads
-    head_dim_pad, group_pad = _pads(head_dim, group)
-    mode = "decode" if is_decode else "prefill"
-    key_str = config_key(head_dim=head_dim, block_size=block_size, dtype=query.dtype, mode=mode)
-
-    if config is None:
-        config = TUNED.get("paged_attention", key_str)
-    fp32 = query.dtype == torch.float32
-    defaults = _default_config(is_decode, head_dim_pad, group_pad, fp32)
-    config = (config or KernelConfig()).merged(defaults)
-    if config.block_n < 16:
-        raise ValueError(f"config block_n must be >= 16 (tl.dot needs it), got {config.block_n}")
-    block_m = max(config.block_m, group_pad, 16)
-    block_q = block_m // group_pad
+    plan = _launch_plan(
+        is_decode, head_dim, block_size, num_q_heads, num_kv_heads, query.dtype, config,
+        TUNED.version, bool(causal), sliding_window is not None, softcap is not None,
+        slot_valid is not None, sinks is not None,
+    )  # fmt: skip
     # decode: one q-block per sequence; else an upper bound on the q-blocks (see _find_seq)
-    num_q_blocks = num_seqs if is_decode else num_tokens // block_q + num_seqs
-
-    num_splits = config.num_splits
+    num_q_blocks = num_seqs if is_decode else num_tokens // plan.block_q + num_seqs
+    num_splits = plan.num_splits
     if num_splits is None:
         num_splits = choose_num_splits(
-            num_q_blocks * num_kv_heads, max_blocks * block_size, config.block_n, _num_sms(device)
+            num_q_blocks * num_kv_heads, max_blocks * block_size, plan.block_n, _num_sms(device)
         )
     split_k = num_splits > 1
     if split_k:
         partial_out = torch.empty(
-            num_splits, num_tokens, num_q_heads, head_dim_pad, dtype=torch.float32, device=device
-        )
+            num_splits, num_tokens, num_q_heads, plan.head_dim_pad, dtype=torch.float32,
+            device=device,
+        )  # fmt: skip
         partial_lse = torch.empty(
             num_splits, num_tokens, num_q_heads, dtype=torch.float32, device=device
         )
+        po_strides, pl_strides = partial_out.stride()[:3], partial_lse.stride()[:2]
     else:
         partial_out = partial_lse = out  # unused placeholders
-    po_strides = partial_out.stride()[:3] if split_k else (0, 0, 0)
-    pl_strides = partial_lse.stride()[:2] if split_k else (0, 0)
-    use_slot_valid = slot_valid is not None
-    if use_slot_valid:
+        po_strides, pl_strides = (0, 0, 0), (0, 0)
+    if slot_valid is not None:
         slot_valid = slot_valid.view(torch.uint8)  # bool as bytes: one kernel for both dtypes
         sv_strides = slot_valid.stride()
     else:
         slot_valid, sv_strides = seq_lens, (0, 0)  # unused placeholder
-    use_sinks = sinks is not None
-    sk_stride = sinks.stride(0) if use_sinks else 0
-    if not use_sinks:
+    sk_stride = 0
+    if sinks is not None:
+        sk_stride = sinks.stride(0)
+    else:
         sinks = seq_lens  # unused placeholder
 
-    args = (
-        query,
-        key_cache,
-        value_cache,
-        block_tables,
-        seq_lens,
-        seq_lens if query_start_loc is None else query_start_loc,
-        slot_valid,
-        sinks,
-        out,
-        partial_out,
-        partial_lse,
-        num_splits,
-        num_seqs,
-        num_tokens,
-        num_blocks,
-        max_blocks * block_size,
-        float(scale),
-        float(softcap or 1.0),
-        int(sliding_window or 0),
-        *query.stride(),
-        *key_cache.stride(),
-        *value_cache.stride(),
-        *block_tables.stride(),
-        *sv_strides,
-        sk_stride,
-        *out.stride(),
-        *po_strides,
-        *pl_strides,
-    )
-    meta = {
-        "HEAD_DIM": head_dim,
-        "HEAD_DIM_PAD": head_dim_pad,
-        "BLOCK_SIZE": block_size,
-        "GROUP": group,
-        "GROUP_PAD": group_pad,
-        "BLOCK_M": block_m,
-        "BLOCK_Q": block_q,
-        "SPLIT_K": split_k,
-        "IS_DECODE": is_decode,
-        # a decode query is the sequence's last token: causality is implied by k < seq_len
-        "CAUSAL": bool(causal) and not is_decode,
-        "USE_WINDOW": sliding_window is not None,
-        "USE_SOFTCAP": softcap is not None,
-        "USE_SLOT_VALID": use_slot_valid,
-        "USE_SINKS": use_sinks,
-        "FP32_DOT": fp32,
-        "WHILE_LOOP": _dispatch.triton_interpreted(),
-    }
-    grid = (num_q_blocks, num_kv_heads, num_splits)
-    _paged_attention_kernel[grid](
-        *args,
-        **meta,
-        BLOCK_N=config.block_n,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, seq_lens,
+        seq_lens if is_decode else query_start_loc,
+        slot_valid, sinks, out, partial_out, partial_lse,
+        num_splits, num_seqs, num_tokens, num_blocks, max_blocks * block_size,
+        float(scale), float(softcap or 1.0), int(sliding_window or 0),
+        *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride(),
+        *sv_strides, sk_stride, *out.stride(), *po_strides, *pl_strides,
+        **plan.meta, SPLIT_K=split_k,
+    )  # fmt: skip
     if split_k:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             partial_out,
@@ -811,13 +813,13 @@ def paged_attention(
             sinks,
             out,
             num_splits,
-            *partial_out.stride()[:3],
-            *partial_lse.stride()[:2],
+            *po_strides,
+            *pl_strides,
             sk_stride,
             *out.stride(),
             HEAD_DIM=head_dim,
             MAX_SPLITS=MAX_SPLITS,
-            USE_SINKS=use_sinks,
+            USE_SINKS=plan.meta["USE_SINKS"],
             num_warps=4,
         )
     return out
