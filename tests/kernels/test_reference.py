@@ -138,8 +138,26 @@ CASES = [
 ]
 
 
+# How the reference splits a call: as measured (small cases run as one padded call), or
+# forced to split wherever that pads less (a call per prefill row, decodes in several batches).
+SPLITS = [
+    pytest.param(False, id="as-measured"),
+    pytest.param(True, id="forced-split"),
+]
+
+
+@pytest.fixture(params=SPLITS)
+def split(request, monkeypatch):
+    if request.param:
+        monkeypatch.setattr(reference, "_CALL_COST", 0)
+        monkeypatch.setattr(reference, "_BATCH_COST_ELEMENTS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("seq_lens, q_lens, hq, hkv, d, bs, dtype, kwargs", CASES)
-def test_reference_matches_oracle(make_paged, seq_lens, q_lens, hq, hkv, d, bs, dtype, kwargs):
+def test_reference_matches_oracle(
+    make_paged, split, seq_lens, q_lens, hq, hkv, d, bs, dtype, kwargs
+):
     problem = make_paged(seq_lens, q_lens, hq, hkv, d, bs, dtype)
     scale = d**-0.5
     out = run_reference(problem, scale=scale, **kwargs)
@@ -187,7 +205,7 @@ SLOT_VALID_CASES = [
 
 @pytest.mark.parametrize("seq_lens, q_lens, hq, hkv, d, bs, dtype, holes, kwargs", SLOT_VALID_CASES)
 def test_reference_slot_valid_matches_oracle(
-    make_paged, seq_lens, q_lens, hq, hkv, d, bs, dtype, holes, kwargs
+    make_paged, split, seq_lens, q_lens, hq, hkv, d, bs, dtype, holes, kwargs
 ):
     """slot_valid: holes are NaN-poisoned in the cache; the oracle masks them explicitly."""
     problem = make_paged(seq_lens, q_lens, hq, hkv, d, bs, dtype)
@@ -200,7 +218,7 @@ def test_reference_slot_valid_matches_oracle(
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
-def test_reference_ignores_unread_table_entries(make_paged):
+def test_reference_ignores_unread_table_entries(make_paged, split):
     """Entries past a shorter row's blocks are never read: any value may sit there."""
     problem = make_paged([37, 5], [6, 5], 4, 2, 64, 8, torch.float32)
     expected = oracle_attention(problem, scale=0.125)
@@ -210,7 +228,7 @@ def test_reference_ignores_unread_table_entries(make_paged):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_reference_zero_rows_are_exact_zeros(make_paged):
+def test_reference_zero_rows_are_exact_zeros(make_paged, split):
     problem = make_paged([2, 4], [5, 4], 4, 2, 64, 8, torch.float32)
     out = run_reference(problem, scale=0.125)
     # sequence 0: 5 queries over 2 keys -> its first 3 queries sit at negative positions
@@ -218,7 +236,7 @@ def test_reference_zero_rows_are_exact_zeros(make_paged):
     assert (out[3:5].abs().sum(-1) > 0).all()
 
 
-def test_reference_out_argument(make_paged):
+def test_reference_out_argument(make_paged, split):
     problem = make_paged([7, 3], None, 4, 2, 64, 8, torch.float32)
     out = torch.full_like(problem.query, float("nan"))
     result = run_reference(problem, scale=0.125, out=out)
@@ -263,3 +281,75 @@ def test_softcap_attention_chunks_rows():
         whole = _eager_attention(q, k, v, mask, scale=0.1, softcap=5.0)
         chunked = _eager_attention(q, k, v, mask, scale=0.1, softcap=5.0, max_scores=4000)
         torch.testing.assert_close(chunked, whole, equal_nan=True)
+
+
+@pytest.mark.parametrize("q_lens", [None, [6, 6, 6, 6]], ids=["decode", "prefill"])
+def test_reference_out_argument_split(make_paged, monkeypatch, q_lens):
+    """A split call writes every row of `out` (rows of several lengths, out NaN before)."""
+    monkeypatch.setattr(reference, "_CALL_COST", 0)
+    monkeypatch.setattr(reference, "_BATCH_COST_ELEMENTS", 0)
+    problem = make_paged([40, 3, 6, 25], q_lens, 4, 2, 64, 8, torch.float32)
+    out = torch.full_like(problem.query, float("nan"))
+    assert run_reference(problem, scale=0.125, out=out) is out
+    expected = oracle_attention(problem, scale=0.125)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_decode_batches():
+    """Decodes of very different lengths run in batches of similar lengths when the padding
+    saved outweighs a batch's cost; similar lengths run as one batch."""
+    plan = reference._decode_batches([30, 2000, 40, 1990, 35], row_elements=256)
+    assert plan is not None
+    order, bounds = plan
+    assert [[order[i] for i in range(a, b)] for a, b in bounds] == [[1, 3], [2, 4, 0]]
+    assert reference._decode_batches([500, 510, 490, 505], row_elements=256) is None
+    assert reference._decode_batches([2000], row_elements=256) is None
+
+
+def _expanded(problem, copies: int):
+    """`problem`'s one prompt as `copies` rows with the same blocks and queries (beams that a
+    prompt's forward expanded)."""
+    (q_len,) = problem.q_lens
+    tables = problem.block_tables.expand(copies, -1).contiguous()
+    seq_lens = problem.seq_lens.expand(copies).contiguous()
+    query = problem.query.repeat(copies, 1, 1)
+    loc = torch.arange(copies + 1, dtype=torch.int32) * q_len
+    return query, tables, seq_lens, loc
+
+
+def test_reference_same_rows_computed_once(make_paged, monkeypatch):
+    """Rows with the same lengths, blocks and queries get the same output, computed once."""
+    problem = make_paged([300], [300], 4, 2, 64, 16, torch.float32)
+    query, tables, seq_lens, loc = _expanded(problem, 4)
+    calls = []
+    attend = reference._attend_padded
+    monkeypatch.setattr(
+        reference, "_attend_padded", lambda *a, **k: calls.append(1) or attend(*a, **k)
+    )
+    out = reference.paged_attention(
+        query, problem.key_cache, problem.value_cache, tables, seq_lens,
+        query_start_loc=loc, scale=0.125,
+    )  # fmt: skip
+    assert len(calls) == 1
+    one = oracle_attention(problem, scale=0.125)
+    torch.testing.assert_close(out.double(), one.repeat(4, 1, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_rows_with_other_queries_are_computed(make_paged, monkeypatch):
+    """Same lengths and blocks but another query: that row is computed, not copied."""
+    monkeypatch.setattr(reference, "_CALL_COST", 0)
+    problem = make_paged([40], [40], 4, 2, 64, 8, torch.float32)
+    query, tables, seq_lens, loc = _expanded(problem, 3)
+    query[40 + 7] += 1.0  # row 1, one query
+    out = reference.paged_attention(
+        query, problem.key_cache, problem.value_cache, tables, seq_lens,
+        query_start_loc=loc, scale=0.125,
+    )  # fmt: skip
+    one = oracle_attention(problem, scale=0.125)
+    torch.testing.assert_close(out[:40].double(), one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[80:].double(), one, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[47], out[7])
+    problem.query = query[40:80]
+    torch.testing.assert_close(
+        out[40:80].double(), oracle_attention(problem, scale=0.125), atol=1e-5, rtol=1e-5
+    )
