@@ -10,6 +10,9 @@ production; see `pagedkv.kernels.testing`).
   are per dtype. Cases run dtype by dtype, bf16 first, so a short budget drops fp32 first.
 - write_kv, gather_kv, copy_blocks: exact (`torch.equal`), each dtype; on CUDA also gather_kv
   of one context longer than CUDA's grid y-limit (65,535).
+- On CUDA: a decode step's launches (write_kv, then paged_attention with split-K) captured in a
+  CUDA graph and replayed on new inputs give exactly what the same launches give eagerly: no
+  host sync, no autotune and no compile inside them.
 
 A failed check is recorded with its reason and the section goes on; so is an op that raises.
 """
@@ -180,6 +183,49 @@ def check_long_gather(device: torch.device, backend: str) -> list[str]:
     return ["gather_kv of a 70,000-token context: differs from the keys written"]
 
 
+def check_cuda_graph(device: torch.device, backend: str) -> list[str]:
+    """One decode step's launches captured in a CUDA graph, replayed on new query, key and value
+    values (written in place, as a graph's inputs are), against the same launches run eagerly.
+    4 sequences x 8 KV heads are fewer programs than SMs, so split-K (and its merge) runs."""
+    from pagedkv.kernels.attention import _num_sms, choose_num_splits
+
+    p = make_paged_problem([3000, 1200, 17, 640], None, 32, 8, 128, 16, BF16, device=device,
+                           spare_blocks=2)  # fmt: skip
+    ends = torch.cumsum(p.seq_lens.long(), 0) - 1
+    slots = p.slot_mapping[ends].clone()  # each sequence's last token: the one being decoded
+    query = p.query.clone()
+    key, value = torch.randn_like(p.key[ends]), torch.randn_like(p.value[ends])
+    out = torch.empty_like(query)
+
+    def step():
+        kernels.write_kv(key, value, p.key_cache, p.value_cache, slots, backend=backend)
+        kernels.paged_attention(query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens,
+                                scale=128**-0.5, out=out, backend=backend)  # fmt: skip
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up: every kernel compiled before the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    failures = []
+    splits = choose_num_splits(4 * 8, p.block_tables.shape[1] * 16, 64, _num_sms(device))
+    for trial in range(2):
+        for t in (query, key, value):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        replayed = out.clone()
+        step()
+        if not torch.equal(replayed, out):
+            error = relative_error(replayed, out)
+            failures.append(f"CUDA graph replay {trial} ({splits} splits): differs from eager "
+                            f"(max error {error:.3g} of max |eager|)")  # fmt: skip
+    return failures
+
+
 def run_checks(budget: Budget, out: dict, device: torch.device, backend: str) -> None:
     """Fill `out`: attention rows, passed/failures/skipped (and stop early when the budget
     runs out: the rest are listed as skipped)."""
@@ -204,6 +250,9 @@ def run_checks(budget: Budget, out: dict, device: torch.device, backend: str) ->
     ]
     if on_gpu:
         moves.append(("gather_kv long context", lambda: check_long_gather(device, backend)))
+        moves.append(("CUDA graph of a decode step", lambda: check_cuda_graph(device, backend)))
+    else:
+        out["skipped"].append("CUDA graph of a decode step: needs CUDA")
     for label, check in moves:
         if budget.allows(RESERVE_S):
             _record(out, label, check)
