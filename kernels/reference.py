@@ -15,6 +15,8 @@ queries (beams of one prompt) are computed once.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -82,10 +84,7 @@ def _gather_padded(
     """
     num_seqs, num_blocks = block_ids.shape
     _, block_size, num_kv_heads, head_dim = cache.shape
-    # Each block's rows as one: index_select copies whole rows then, several times faster on
-    # CPU than over the 4-d view of a strided pool (measured 7x for a 30-layer pool).
-    rows = cache.flatten(1) if _rows_contiguous(cache) else cache
-    blocks = rows.index_select(0, block_ids.reshape(-1))  # [B * nb, bs * Hkv * D]
+    blocks = _block_rows(cache).index_select(0, block_ids.reshape(-1))  # [B * nb, bs * Hkv * D]
     blocks = blocks.view(-1, block_size, num_kv_heads, head_dim)
     padded = blocks.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_len]
     if valid is not None:
@@ -299,56 +298,81 @@ def _attend_padded(query, key_cache, value_cache, block_tables, seq_lens, first_
 def _decode(query, key_cache, value_cache, block_tables, seq_lens, first_col, kv_lens,
             lengths, *, out, **kwargs) -> torch.Tensor:  # fmt: skip
     """`paged_attention` of one query per sequence. Rows of very different lengths run in a few
-    batches of similar lengths (`_decode_batches`), each padded only to its own longest."""
-    _, block_size, num_kv_heads, head_dim = key_cache.shape
-    plan = _decode_batches(lengths, num_kv_heads * head_dim)
-    if plan is None:
-        return _decode_rows(
-            query, key_cache, value_cache, block_tables, seq_lens, first_col, kv_lens, lengths,
-            out=out, **kwargs,
-        )  # fmt: skip
-    order, bounds = plan
-    perm = torch.tensor(order, device=query.device)
-    query, block_tables, seq_lens, kv_lens = (
-        t.index_select(0, perm) for t in (query, block_tables, seq_lens, kv_lens)
+    batches of similar lengths (`_decode_batches`), each padded only to its own longest.
+
+    A decode step runs this once per layer on the same lengths, with the model's own work in
+    between (which evicts the CPU caches): it is written for few Python calls per batch."""
+    _, _, num_kv_heads, head_dim = key_cache.shape
+    order, bounds = _decode_batches(
+        tuple(lengths), num_kv_heads * head_dim, _BATCH_COST_ELEMENTS, _MAX_BATCHES
     )
-    if first_col is not None:
-        first_col = first_col.index_select(0, perm)
-    lengths = [lengths[i] for i in order]
-    by_length = torch.empty_like(query)
+    rows = (_block_rows(key_cache), _block_rows(value_cache), key_cache.shape)
+    if order is None:
+        result = torch.empty_like(query) if out is None else out
+    else:  # rows by length: each batch is a slice
+        perm = torch.tensor(order, device=query.device)
+        query, block_tables = query.index_select(0, perm), block_tables.index_select(0, perm)
+        if first_col is not None:
+            first_col, seq_lens = first_col.index_select(0, perm), seq_lens.index_select(0, perm)
+        lengths = [lengths[i] for i in order]
+        result = torch.empty_like(query)
     for start, stop in bounds:
-        rows = slice(start, stop)
-        _decode_rows(
-            query[rows], key_cache, value_cache, block_tables[rows], seq_lens[rows],
-            None if first_col is None else first_col[rows], kv_lens[rows], lengths[rows],
-            out=by_length[rows], **kwargs,
+        batch = slice(start, stop)
+        _decode_batch(
+            query[batch], rows, block_tables[batch], lengths[batch],
+            None if first_col is None else (first_col[batch], seq_lens[batch]),
+            out=result[batch], **kwargs,
         )  # fmt: skip
-    result = torch.empty_like(query) if out is None else out
-    return result.index_copy_(0, perm, by_length)
+    if order is None:
+        return result
+    return (torch.empty_like(query) if out is None else out).index_copy_(0, perm, result)
 
 
-def _decode_rows(query, key_cache, value_cache, block_tables, seq_lens, first_col, kv_lens,
-                 lengths, *, scale, sliding_window, softcap, sinks, slot_valid,
-                 out) -> torch.Tensor:  # fmt: skip
-    """One padded batch of decodes: sequence i's query sits at position seq_len_i - 1, so it
-    sees every key gathered for it (causality is implied) within its window."""
-    num_seqs, num_q_heads, head_dim = query.shape
+def _decode_batch(query, rows, block_tables, lengths, window_rows, *, scale, sliding_window,
+                  softcap, sinks, slot_valid, out) -> None:  # fmt: skip
+    """One padded batch of decodes into `out`: sequence i's query sits at position seq_len_i - 1,
+    so it sees every key gathered for it (causality is implied) within its window.
+    `rows`: (key rows, value rows, cache shape) from `_block_rows`; `window_rows`: None, or
+    (first table column read, seq_lens) of each row with a sliding window."""
+    key_rows, value_rows, (num_blocks, block_size, num_kv_heads, head_dim) = rows
+    num_seqs, num_q_heads, _ = query.shape
     device = query.device
-    _, block_size, num_kv_heads, _ = key_cache.shape
-    max_len = max(lengths, default=0)
-    if num_seqs == 0 or max_len == 0:
-        return torch.zeros_like(query) if out is None else out.zero_()
-    k_pos, key_valid, block_ids = _key_layout(
-        block_tables, first_col, kv_lens, lengths, max_len, block_size, device
-    )
+    max_len = max(lengths)
+    if max_len == 0:
+        out.zero_()
+        return
+    num_cols = -(-max_len // block_size)
+    if window_rows is None:
+        block_ids = block_tables[:, :num_cols]
+    else:  # keys from the first block the window reaches; entries before it are never read
+        first_col, seq_lens = window_rows
+        cols = first_col[:, None] + torch.arange(num_cols, device=device)
+        block_ids = block_tables.gather(1, cols.clamp(max=block_tables.shape[1] - 1))
+    ragged = min(lengths) < max_len
+    if ragged:  # entries past a shorter row's blocks may hold anything: its keys there are 0
+        block_ids = block_ids.clamp(0, num_blocks - 1)
+    block_ids = block_ids.reshape(-1)
+    width = num_cols * block_size
+    shape = (num_seqs, width, num_kv_heads, head_dim)
+    keys = key_rows.index_select(0, block_ids).view(shape)[:, :max_len]
+    values = value_rows.index_select(0, block_ids).view(shape)[:, :max_len]
+    mask = None  # [B, L]: the keys each row sees, None for all
+    if ragged:
+        mask = torch.arange(max_len, device=device) < torch.tensor(lengths, device=device)[:, None]
     if slot_valid is not None:
-        slots_ok = _slots_ok(slot_valid, block_ids, max_len)
-        key_valid = slots_ok if key_valid is None else key_valid & slots_ok
-    holes = key_valid if slot_valid is not None else None
-    keys = _gather_padded(key_cache, block_ids, lengths, max_len, holes)
-    values = _gather_padded(value_cache, block_ids, lengths, max_len, holes)
-    mask = key_valid  # [B, L] or None
-    if sliding_window is not None:
+        slots_ok = slot_valid.index_select(0, block_ids).view(num_seqs, width)[:, :max_len]
+        mask = slots_ok.bool() if mask is None else mask & slots_ok.bool()
+        hidden = ~mask[:, :, None, None]  # stale data, even NaN, there must not leak
+        keys.masked_fill_(hidden, 0)
+        values.masked_fill_(hidden, 0)
+    elif ragged:  # one memset per shorter row over its tail (rows contiguous here)
+        for i, length in enumerate(lengths):
+            if length < max_len:
+                keys[i, length:].zero_()
+                values[i, length:].zero_()
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, L, D]
+    if window_rows is not None:
+        k_pos = first_col[:, None] * block_size + torch.arange(max_len, device=device)
         in_window = (seq_lens - 1)[:, None] - k_pos < sliding_window
         mask = in_window if mask is None else mask & in_window
     if softcap is not None or sinks is not None:
@@ -358,8 +382,7 @@ def _decode_rows(query, key_cache, value_cache, block_tables, seq_lens, first_co
     else:
         # The query heads that share a KV head as the query rows of one attention (what
         # transformers' SDPA path does for one-token steps): no K/V repeat, no GQA broadcast.
-        group = num_q_heads // num_kv_heads
-        q = query.reshape(num_seqs, num_kv_heads, group, head_dim)
+        q = query.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
         o = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=None if mask is None else mask[:, None, None],
             scale=scale,
@@ -367,13 +390,18 @@ def _decode_rows(query, key_cache, value_cache, block_tables, seq_lens, first_co
     o = o.reshape(num_seqs, num_q_heads, head_dim)
     # Rows that see no key (empty sequences; every slot invalid) are exactly 0. A sequence
     # that holds a key sees its last one: only invalid slots can hide every key.
-    if slot_valid is not None or min(lengths) == 0:  # then some key is masked
+    if slot_valid is not None or min(lengths) == 0:
         sees_any = mask.any(-1)
         if not bool(sees_any.all()):
             o = torch.where(sees_any[:, None, None], o, 0)
-    if out is None:
-        return o
-    return out.copy_(o)
+    out.copy_(o)
+
+
+def _block_rows(cache: torch.Tensor) -> torch.Tensor:
+    """`cache` `[num_blocks, bs, Hkv, D]` with each block as one row, when each block is one
+    contiguous span: index_select copies whole rows then, several times faster on CPU than
+    over the 4-d view of a strided pool (measured 7x for a 30-layer pool)."""
+    return cache.flatten(1) if _rows_contiguous(cache) else cache
 
 
 def _key_layout(block_tables, first_col, kv_lens, lengths, max_len, block_size, device):
@@ -420,26 +448,31 @@ def _attention(q, keys, values, mask, *, scale, is_causal, softcap, sinks):
 
 
 # What one more decode batch costs beyond its keys, in gathered key elements (key rows x KV
-# heads x head_dim): the launch of its gathers, mask and attention. Measured on CPU
-# (1 thread): a batch costs about 60 us more, a gathered and attended key element about 0.9 ns.
+# heads x head_dim): the launch of its gathers, mask and attention. Measured on CPU (1 thread): a
+# batch costs about 60 us more, a gathered and attended key element about 0.9 ns.
 _BATCH_COST_ELEMENTS = 64 * 1024
 _MAX_BATCHES = 4
 
 
+@functools.lru_cache(maxsize=8)  # a decode step asks once per layer, with the same lengths
 def _decode_batches(
-    lengths: list[int], row_elements: int
-) -> tuple[list[int], list[tuple[int, int]]] | None:
-    """Decodes of very different lengths as a few batches of similar lengths: the rows by
-    length (longest first) and each batch's bounds in that order, when that costs less (keys
-    padded to each batch's longest, plus `_BATCH_COST_ELEMENTS` per batch) than one batch
-    padded to the longest; else None. Candidates: 2..`_MAX_BATCHES` batches of equal counts,
-    or cut at the largest drops in length."""
+    lengths: tuple[int, ...],
+    row_elements: int,
+    batch_cost: int = _BATCH_COST_ELEMENTS,
+    max_batches: int = _MAX_BATCHES,
+) -> tuple[tuple[int, ...] | None, tuple[tuple[int, int], ...]]:
+    """Decodes of very different lengths as a few batches of similar lengths: (the rows by
+    length, longest first; each batch's bounds in that order) when that costs less (keys padded
+    to each batch's longest, plus `batch_cost` per batch) than one batch padded to the longest;
+    else (None, one batch of every row in the given order). Candidates: 2..`max_batches`
+    batches of equal counts, or cut at the largest drops in length."""
     num = len(lengths)
+    one = (None, ((0, num),))
     if num < 2:
-        return None
+        return one
     order = sorted(range(num), key=lengths.__getitem__, reverse=True)
     ordered = [lengths[i] for i in order]
-    fixed = _BATCH_COST_ELEMENTS / max(row_elements, 1)  # a batch, in key rows
+    fixed = batch_cost / max(row_elements, 1)  # a batch, in key rows
 
     def cost(cuts: list[int]) -> float:
         bounds = [0, *cuts, num]
@@ -447,16 +480,16 @@ def _decode_batches(
 
     best, best_cost = None, cost([])
     drops = sorted(range(1, num), key=lambda i: ordered[i - 1] - ordered[i], reverse=True)
-    for k in range(2, min(_MAX_BATCHES, num) + 1):
+    for k in range(2, min(max_batches, num) + 1):
         size = -(-num // k)
         for cuts in (list(range(size, num, size)), sorted(drops[: k - 1])):
             c = cost(cuts)
             if c < best_cost:
                 best, best_cost = cuts, c
     if best is None:
-        return None
+        return one
     bounds = [0, *best, num]
-    return order, list(zip(bounds, bounds[1:]))
+    return tuple(order), tuple(zip(bounds, bounds[1:]))
 
 
 def _split_mixed(q_lens: torch.Tensor) -> torch.Tensor | None:

@@ -298,12 +298,11 @@ def test_reference_out_argument_split(make_paged, monkeypatch, q_lens):
 def test_reference_decode_batches():
     """Decodes of very different lengths run in batches of similar lengths when the padding
     saved outweighs a batch's cost; similar lengths run as one batch."""
-    plan = reference._decode_batches([30, 2000, 40, 1990, 35], row_elements=256)
-    assert plan is not None
-    order, bounds = plan
+    order, bounds = reference._decode_batches((30, 2000, 40, 1990, 35), row_elements=256)
     assert [[order[i] for i in range(a, b)] for a, b in bounds] == [[1, 3], [2, 4, 0]]
-    assert reference._decode_batches([500, 510, 490, 505], row_elements=256) is None
-    assert reference._decode_batches([2000], row_elements=256) is None
+    one = (None, ((0, 4),))
+    assert reference._decode_batches((500, 510, 490, 505), row_elements=256) == one
+    assert reference._decode_batches((2000,), row_elements=256) == (None, ((0, 1),))
 
 
 def _expanded(problem, copies: int):
