@@ -16,11 +16,12 @@ queries (beams of one prompt) are computed once.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, _dispatch
 
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -28,17 +29,44 @@ _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5
 def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     """Scatter key/value ``[T, Hkv, D]`` into caches ``[num_blocks, block_size, Hkv, D]`` at
     ``slot_mapping[t] = block * block_size + offset``; slot -1 is skipped."""
-    block_size = key_cache.shape[1]
+    _write_at(key, value, key_cache, value_cache, slot_index(slot_mapping, key_cache.shape[1]))
+
+
+class SlotIndex(NamedTuple):
+    """Where `write_kv` puts each token: what it derives from a slot mapping alone."""
+
+    keep: torch.Tensor | None  # the tokens with a slot (not -1); None: all
+    blocks: torch.Tensor  # int64 block of each kept token
+    offsets: torch.Tensor  # int64 offset in its block
+
+
+def slot_index(slot_mapping: torch.Tensor, block_size: int) -> SlotIndex:
+    """The `SlotIndex` of a (valid) slot mapping: worked out once for the many layers that
+    write through the same slots."""
     slots = slot_mapping.long()
+    keep = None
     if slots.numel() and int(slots.min()) < 0:
-        keep = slots >= 0
-        slots, key, value = slots[keep], key[keep], value[keep]
+        keep = (slots >= 0).nonzero().view(-1)
+        slots = slots[keep]
     blocks = slots // block_size
-    offsets = slots - blocks * block_size
+    return SlotIndex(keep, blocks, slots - blocks * block_size)
+
+
+def write_kv_at(key, value, key_cache, value_cache, index: SlotIndex) -> None:
+    """`write_kv` at slots given as a `SlotIndex` of valid slots (nothing is checked), for a
+    caller that writes many layers through the same slots (a step of the KV cache). Counts
+    as a write_kv call on the torch backend for `trace_backends`."""
+    _dispatch.record("write_kv", "torch")
+    _write_at(key, value, key_cache, value_cache, index)
+
+
+def _write_at(key, value, key_cache, value_cache, index: SlotIndex) -> None:
+    if index.keep is not None:
+        key, value = key.index_select(0, index.keep), value.index_select(0, index.keep)
     if key.dtype != key_cache.dtype:
         key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)
-    key_cache.index_put_((blocks, offsets), key)
-    value_cache.index_put_((blocks, offsets), value)
+    key_cache.index_put_((index.blocks, index.offsets), key)
+    value_cache.index_put_((index.blocks, index.offsets), value)
 
 
 def copy_blocks(key_caches, value_caches, block_mapping) -> None:
@@ -296,105 +324,163 @@ def _attend_padded(query, key_cache, value_cache, block_tables, seq_lens, first_
 
 
 def _decode(query, key_cache, value_cache, block_tables, seq_lens, first_col, kv_lens,
-            lengths, *, out, **kwargs) -> torch.Tensor:  # fmt: skip
-    """`paged_attention` of one query per sequence. Rows of very different lengths run in a few
-    batches of similar lengths (`_decode_batches`), each padded only to its own longest.
+            lengths, *, out, scale, sliding_window, softcap, sinks, slot_valid) -> torch.Tensor:  # fmt: skip
+    """`paged_attention` of one query per sequence (see `plan_decode`)."""
+    plan = _plan_decode(block_tables, seq_lens, first_col, lengths, key_cache.shape,
+                        sliding_window=sliding_window, slot_valid=slot_valid)  # fmt: skip
+    return _attend_decode(plan, query, key_cache, value_cache, scale=scale, softcap=softcap,
+                          sinks=sinks, out=out)  # fmt: skip
 
-    A decode step runs this once per layer on the same lengths, with the model's own work in
-    between (which evicts the CPU caches): it is written for few Python calls per batch."""
-    _, _, num_kv_heads, head_dim = key_cache.shape
+
+class _DecodeBatch(NamedTuple):
+    """One padded batch of a `DecodePlan`: rows `rows` of the plan's order."""
+
+    rows: slice
+    block_ids: torch.Tensor  # [B * cdiv(max_len, block_size)] the blocks gathered, row by row
+    lengths: list[int]  # keys gathered per row (from the first block its window reaches)
+    max_len: int
+    mask: torch.Tensor | None  # [B, 1, 1, max_len] keys seen; None: every key gathered
+    hidden: torch.Tensor | None  # [B, max_len, 1, 1] invalid slots to zero; None: tails only
+    sees_any: torch.Tensor | None  # [B, 1, 1]: rows that see some key, when one sees none
+
+
+class DecodePlan(NamedTuple):
+    """What a decode `paged_attention` derives from its block tables and lengths alone (see
+    `plan_decode`)."""
+
+    perm: torch.Tensor | None  # the rows by length, longest first; None: as given
+    batches: tuple[_DecodeBatch, ...]
+    cache_shape: torch.Size  # [num_blocks, block_size, Hkv, D]
+
+
+def plan_decode(block_tables, seq_lens, key_cache, *, sliding_window=None,
+                slot_valid=None) -> DecodePlan:  # fmt: skip
+    """The layout of a decode `paged_attention` (one query per sequence) over valid tables:
+    worked out once for the layers of a step, which share their tables and lengths (and
+    windows, and slot validity); `attend_decode` then runs one layer's attention.
+
+    Rows of very different lengths run in a few batches of similar lengths (`_decode_batches`),
+    each padded only to its own longest. The plan keeps the blocks each batch gathers and the
+    mask of the keys each row sees."""
+    seq_lens = seq_lens.long()
+    first_col = _checks.first_block_read(
+        seq_lens, None, sliding_window=sliding_window, block_size=key_cache.shape[1]
+    )
+    kv_lens = seq_lens if first_col is None else seq_lens - first_col * key_cache.shape[1]
+    return _plan_decode(block_tables, seq_lens, first_col, kv_lens.tolist(), key_cache.shape,
+                        sliding_window=sliding_window, slot_valid=slot_valid)  # fmt: skip
+
+
+def attend_decode(plan: DecodePlan, query, key_cache, value_cache, *, scale, softcap=None,
+                  sinks=None, out=None) -> torch.Tensor:  # fmt: skip
+    """`paged_attention` of one layer through a `plan_decode` plan (nothing is checked).
+    Counts as a paged_attention call on the torch backend for `trace_backends`."""
+    _dispatch.record("paged_attention", "torch")
+    return _attend_decode(plan, query, key_cache, value_cache, scale=scale, softcap=softcap,
+                          sinks=sinks, out=out)  # fmt: skip
+
+
+def _plan_decode(block_tables, seq_lens, first_col, lengths, cache_shape, *, sliding_window,
+                 slot_valid) -> DecodePlan:  # fmt: skip
+    num_blocks, block_size, num_kv_heads, head_dim = cache_shape
+    device = block_tables.device
     order, bounds = _decode_batches(
         tuple(lengths), num_kv_heads * head_dim, _BATCH_COST_ELEMENTS, _MAX_BATCHES
     )
-    rows = (_block_rows(key_cache), _block_rows(value_cache), key_cache.shape)
-    if order is None:
-        result = torch.empty_like(query) if out is None else out
-    else:  # rows by length: each batch is a slice
-        perm = torch.tensor(order, device=query.device)
-        query, block_tables = query.index_select(0, perm), block_tables.index_select(0, perm)
+    perm = None
+    if order is not None:  # rows by length: each batch is a slice
+        perm = torch.tensor(order, device=device)
+        block_tables = block_tables.index_select(0, perm)
         if first_col is not None:
             first_col, seq_lens = first_col.index_select(0, perm), seq_lens.index_select(0, perm)
         lengths = [lengths[i] for i in order]
-        result = torch.empty_like(query)
+    batches = []
     for start, stop in bounds:
-        batch = slice(start, stop)
-        _decode_batch(
-            query[batch], rows, block_tables[batch], lengths[batch],
-            None if first_col is None else (first_col[batch], seq_lens[batch]),
-            out=result[batch], **kwargs,
-        )  # fmt: skip
-    if order is None:
-        return result
-    return (torch.empty_like(query) if out is None else out).index_copy_(0, perm, result)
+        rows = slice(start, stop)
+        batch_lengths = lengths[rows]
+        num_seqs, max_len = stop - start, max(batch_lengths)
+        num_cols = -(-max_len // block_size)
+        if first_col is None:
+            block_ids = block_tables[rows, :num_cols]
+        else:  # keys from the first block the window reaches; entries before are never read
+            cols = first_col[rows, None] + torch.arange(num_cols, device=device)
+            block_ids = block_tables[rows].gather(1, cols.clamp(max=block_tables.shape[1] - 1))
+        ragged = min(batch_lengths) < max_len
+        if ragged:  # entries past a shorter row's blocks may hold anything: its keys there are 0
+            block_ids = block_ids.clamp(0, num_blocks - 1)
+        block_ids = block_ids.reshape(-1)
+        mask = hidden = sees_any = None  # mask: [B, L] the keys each row sees, None for all
+        if ragged:
+            lens = torch.tensor(batch_lengths, device=device)
+            mask = torch.arange(max_len, device=device) < lens[:, None]
+        if slot_valid is not None:
+            slots_ok = slot_valid.index_select(0, block_ids).view(num_seqs, -1)[:, :max_len]
+            mask = slots_ok.bool() if mask is None else mask & slots_ok.bool()
+            hidden = ~mask[:, :, None, None]  # stale data, even NaN, there must not leak
+        if first_col is not None:
+            k_pos = first_col[rows, None] * block_size + torch.arange(max_len, device=device)
+            in_window = (seq_lens[rows] - 1)[:, None] - k_pos < sliding_window
+            mask = in_window if mask is None else mask & in_window
+        # A row that holds a key sees its last one: only invalid slots or an empty row can
+        # hide every key; such rows come out exactly 0.
+        if slot_valid is not None or (max_len and min(batch_lengths) == 0):
+            seen = mask.any(-1)
+            if not bool(seen.all()):
+                sees_any = seen[:, None, None]
+        batch_mask = None if mask is None else mask[:, None, None]
+        batches.append(_DecodeBatch(rows, block_ids, batch_lengths, max_len, batch_mask,
+                                    hidden, sees_any))  # fmt: skip
+    return DecodePlan(perm, tuple(batches), cache_shape)
 
 
-def _decode_batch(query, rows, block_tables, lengths, window_rows, *, scale, sliding_window,
-                  softcap, sinks, slot_valid, out) -> None:  # fmt: skip
-    """One padded batch of decodes into `out`: sequence i's query sits at position seq_len_i - 1,
-    so it sees every key gathered for it (causality is implied) within its window.
-    `rows`: (key rows, value rows, cache shape) from `_block_rows`; `window_rows`: None, or
-    (first table column read, seq_lens) of each row with a sliding window."""
-    key_rows, value_rows, (num_blocks, block_size, num_kv_heads, head_dim) = rows
-    num_seqs, num_q_heads, _ = query.shape
-    device = query.device
-    max_len = max(lengths)
-    if max_len == 0:
-        out.zero_()
-        return
-    num_cols = -(-max_len // block_size)
-    if window_rows is None:
-        block_ids = block_tables[:, :num_cols]
-    else:  # keys from the first block the window reaches; entries before it are never read
-        first_col, seq_lens = window_rows
-        cols = first_col[:, None] + torch.arange(num_cols, device=device)
-        block_ids = block_tables.gather(1, cols.clamp(max=block_tables.shape[1] - 1))
-    ragged = min(lengths) < max_len
-    if ragged:  # entries past a shorter row's blocks may hold anything: its keys there are 0
-        block_ids = block_ids.clamp(0, num_blocks - 1)
-    block_ids = block_ids.reshape(-1)
-    width = num_cols * block_size
-    shape = (num_seqs, width, num_kv_heads, head_dim)
-    keys = key_rows.index_select(0, block_ids).view(shape)[:, :max_len]
-    values = value_rows.index_select(0, block_ids).view(shape)[:, :max_len]
-    mask = None  # [B, L]: the keys each row sees, None for all
-    if ragged:
-        mask = torch.arange(max_len, device=device) < torch.tensor(lengths, device=device)[:, None]
-    if slot_valid is not None:
-        slots_ok = slot_valid.index_select(0, block_ids).view(num_seqs, width)[:, :max_len]
-        mask = slots_ok.bool() if mask is None else mask & slots_ok.bool()
-        hidden = ~mask[:, :, None, None]  # stale data, even NaN, there must not leak
-        keys.masked_fill_(hidden, 0)
-        values.masked_fill_(hidden, 0)
-    elif ragged:  # one memset per shorter row over its tail (rows contiguous here)
-        for i, length in enumerate(lengths):
-            if length < max_len:
-                keys[i, length:].zero_()
-                values[i, length:].zero_()
-    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, L, D]
-    if window_rows is not None:
-        k_pos = first_col[:, None] * block_size + torch.arange(max_len, device=device)
-        in_window = (seq_lens - 1)[:, None] - k_pos < sliding_window
-        mask = in_window if mask is None else mask & in_window
-    if softcap is not None or sinks is not None:
-        o = _eager_attention(query[:, :, None], keys, values,
-                             None if mask is None else mask[:, None], scale=scale,
-                             softcap=softcap, sinks=sinks)  # fmt: skip
+def _attend_decode(plan, query, key_cache, value_cache, *, scale, softcap, sinks,
+                   out) -> torch.Tensor:  # fmt: skip
+    """One layer through a decode plan. A decode step runs this once per layer, with the model's
+    own work in between (which evicts the CPU caches): few Python calls per batch."""
+    _, block_size, num_kv_heads, head_dim = plan.cache_shape
+    key_rows, value_rows = _block_rows(key_cache), _block_rows(value_cache)
+    if plan.perm is None:
+        result = torch.empty_like(query) if out is None else out
     else:
-        # The query heads that share a KV head as the query rows of one attention (what
-        # transformers' SDPA path does for one-token steps): no K/V repeat, no GQA broadcast.
-        q = query.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-        o = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=None if mask is None else mask[:, None, None],
-            scale=scale,
-        )  # fmt: skip
-    o = o.reshape(num_seqs, num_q_heads, head_dim)
-    # Rows that see no key (empty sequences; every slot invalid) are exactly 0. A sequence
-    # that holds a key sees its last one: only invalid slots can hide every key.
-    if slot_valid is not None or min(lengths) == 0:
-        sees_any = mask.any(-1)
-        if not bool(sees_any.all()):
-            o = torch.where(sees_any[:, None, None], o, 0)
-    out.copy_(o)
+        query = query.index_select(0, plan.perm)
+        result = torch.empty_like(query)
+    num_q_heads = query.shape[1]
+    for batch in plan.batches:
+        num_seqs, max_len = len(batch.lengths), batch.max_len
+        if max_len == 0:
+            result[batch.rows] = 0
+            continue
+        shape = (num_seqs, batch.block_ids.shape[0] // num_seqs * block_size, num_kv_heads,
+                 head_dim)  # fmt: skip
+        keys = key_rows.index_select(0, batch.block_ids).view(shape)[:, :max_len]
+        values = value_rows.index_select(0, batch.block_ids).view(shape)[:, :max_len]
+        if batch.hidden is not None:
+            keys.masked_fill_(batch.hidden, 0)
+            values.masked_fill_(batch.hidden, 0)
+        elif batch.mask is not None:  # one memset per shorter row over its tail
+            for i, length in enumerate(batch.lengths):
+                if length < max_len:
+                    keys[i, length:].zero_()
+                    values[i, length:].zero_()
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, L, D]
+        q = query[batch.rows]
+        if softcap is not None or sinks is not None:
+            mask = None if batch.mask is None else batch.mask[:, 0]
+            o = _eager_attention(q[:, :, None], keys, values, mask, scale=scale,
+                                 softcap=softcap, sinks=sinks)  # fmt: skip
+        else:
+            # The query heads that share a KV head as the query rows of one attention (what
+            # transformers' SDPA path does for one-token steps): no K/V repeat or broadcast.
+            q = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask,
+                                               scale=scale)  # fmt: skip
+        o = o.reshape(num_seqs, num_q_heads, head_dim)
+        if batch.sees_any is not None:
+            o = torch.where(batch.sees_any, o, 0)
+        result[batch.rows] = o
+    if plan.perm is None:
+        return result
+    return (torch.empty_like(query) if out is None else out).index_copy_(0, plan.perm, result)
 
 
 def _block_rows(cache: torch.Tensor) -> torch.Tensor:

@@ -352,3 +352,42 @@ def test_reference_rows_with_other_queries_are_computed(make_paged, monkeypatch)
     torch.testing.assert_close(
         out[40:80].double(), oracle_attention(problem, scale=0.125), atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    "seq_lens, kwargs, holes",
+    [
+        pytest.param([1, 16, 37], {}, None, id="ragged"),
+        pytest.param([70, 3, 41, 9, 66, 1, 30, 17, 55, 12], {}, None, id="batches"),
+        pytest.param([30, 9, 44], {"sliding_window": 6}, None, id="window"),
+        pytest.param([20, 7, 33], {}, {0: [3, 4, 15], 1: range(7)}, id="holes"),
+        pytest.param([25, 3], {"softcap": 2.0}, None, id="softcap"),
+    ],
+)
+def test_reference_decode_plan_serves_every_layer(make_paged, split, seq_lens, kwargs, holes):
+    """A decode planned once (`plan_decode`) then attended per layer (`attend_decode`) equals
+    `paged_attention` on each layer, and counts as a paged_attention call in a trace."""
+    from pagedkv.kernels import trace_backends
+
+    problem = make_paged(seq_lens, None, 4, 2, 64, 8, torch.float32, num_layers=2)
+    slot_valid = None if holes is None else problem.slot_valid(holes)
+    window = {"sliding_window": kwargs["sliding_window"]} if "sliding_window" in kwargs else {}
+    plan = reference.plan_decode(
+        problem.block_tables, problem.seq_lens, problem.key_cache, slot_valid=slot_valid, **window
+    )
+    softcap = kwargs.get("softcap")
+    pool = problem.pool
+    pool[:, 1] = pool[:, 0] * -0.5  # layer 1: other K/V in the same slots (NaN where unwritten)
+    for layer in range(2):
+        key_cache, value_cache = pool[:, layer, 0], pool[:, layer, 1]
+        with trace_backends() as calls:
+            out = reference.attend_decode(
+                plan, problem.query, key_cache, value_cache, scale=0.125, softcap=softcap
+            )
+        assert calls == [("paged_attention", "torch")]
+        expected = reference.paged_attention(
+            problem.query, key_cache, value_cache, problem.block_tables, problem.seq_lens,
+            scale=0.125, slot_valid=slot_valid, **kwargs,
+        )  # fmt: skip
+        assert torch.equal(out, expected)
+    assert not out.isnan().any()
