@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pagedkv.kernels import copy_blocks, gather_kv, paged_attention, write_kv
+from pagedkv.kernels import (
+    copy_blocks,
+    gather_kv,
+    paged_attention,
+    reference,
+    resolve_backend,
+    write_kv,
+)
 
 from ._memory import HOST_BYTES_PER_BLOCK, available_bytes, format_bytes
 from .config import KVCacheConfig
@@ -38,6 +45,7 @@ class PagedKVCache:
             )
             for g, group in enumerate(c.groups)
         ]
+        self._dtype = c.torch_dtype
         self._keys = [self.pools[g][:, i, 0] for g, i in c.layer_groups]
         self._values = [self.pools[g][:, i, 1] for g, i in c.layer_groups]
         # Whether each slot may be attended (False: a pad stored inside a padded batch); read by
@@ -125,6 +133,78 @@ class PagedKVCache:
             kwargs["slot_valid"] = self.slot_valid[group]
         return paged_attention(
             query, self._keys[layer], self._values[layer], block_tables, seq_lens, **kwargs
+        )
+
+    # ---- a step's prepared ops (torch backend; see `GroupOps`) ------------------------------
+    def prepares_steps(self) -> bool:
+        """Whether the ops run on the torch backend now, where a step prepares its writes and
+        decode attention once for all its layers (`GroupOps`)."""
+        return resolve_backend(None, self.pools[0].device) == "torch"
+
+    def slot_index(self, slot_mapping: torch.Tensor) -> reference.SlotIndex:
+        """Where `write_at` puts each token of a valid slot mapping."""
+        return reference.slot_index(slot_mapping, self.config.block_size)
+
+    def takes(self, t: object, rows: int, *, query: bool = False) -> bool:
+        """Whether `t` is K or V `[rows, num_kv_heads, head_dim]` (with `query`: queries `[rows,
+        heads, head_dim]`, heads a multiple of num_kv_heads) of the pool's dtype, on its
+        device: what the prepared ops take as it is."""
+        if not (
+            isinstance(t, torch.Tensor)
+            and t.dtype == self._dtype
+            and t.dim() == 3
+            and t.device == self.pools[0].device
+        ):
+            return False
+        c = self.config
+        num, heads, dim = t.shape
+        if num != rows or dim != c.head_dim:
+            return False
+        return heads % c.num_kv_heads == 0 and heads > 0 if query else heads == c.num_kv_heads
+
+    def write_at(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: reference.SlotIndex
+    ) -> None:
+        """`write` at slots prepared by `slot_index` from a valid slot mapping of the layer's
+        group (not checked again), the K/V as `takes` accepts them."""
+        self._check_layer(layer)
+        reference.write_kv_at(
+            key.detach(), value.detach(), self._keys[layer], self._values[layer], slots
+        )
+
+    def plan_decode(
+        self,
+        group: int,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        sliding_window: int | None = None,
+    ) -> reference.DecodePlan:
+        """`reference.plan_decode` of valid tables and lengths of a group, with its slot
+        validity: what `attend_planned` runs each of the group's layers through."""
+        first_layer = self.config.groups[group].layers[0]
+        return reference.plan_decode(
+            block_tables,
+            seq_lens,
+            self._keys[first_layer],
+            sliding_window=sliding_window,
+            slot_valid=self.slot_valid[group] if self.has_holes[group] else None,
+        )
+
+    def attend_planned(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        plan: reference.DecodePlan,
+        *,
+        scale: float,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        """Decode attention of one layer of the plan's group through `plan`, the queries as
+        `takes` accepts them."""
+        self._check_layer(layer)
+        return reference.attend_decode(
+            plan, query, self._keys[layer], self._values[layer], scale=scale, softcap=softcap
         )
 
     def gather(

@@ -23,6 +23,7 @@ from types import TracebackType
 import numpy as np
 import torch
 
+from .group_ops import GroupOps
 from .groups import GroupGrowth
 from .paged_cache import PagedKVCache
 from .sequences import Growth, Sequences
@@ -62,6 +63,7 @@ class Step:
         "_seq_lens",
         "_query_start_loc",
         "_windows",
+        "_ops",
     )
 
     def __init__(
@@ -110,6 +112,10 @@ class Step:
                 np.concatenate(([0], np.cumsum(shape.queries))).astype(np.int32)
             ).to(device)
         )
+        self._ops = [
+            GroupOps(cache, g, slots, table, self._seq_lens, self._query_start_loc)
+            for g, (slots, table) in enumerate(zip(self._slot_mappings, self._tables, strict=True))
+        ]
 
     # ---- the description ------------------------------------------------------------------
     @property
@@ -155,7 +161,7 @@ class Step:
         """Store this step's K/V `[num_queries, num_kv_heads, head_dim]` of one layer."""
         self._check_open("write")
         group = self._cache.config.layer_groups[layer][0]
-        self._cache.write(layer, key, value, self._slot_mappings[group])
+        self._ops[group].write(layer, key, value)
         if self._windows[group] is not None:
             self._windows[group].keep(layer, key, value)
         self._written.add(layer)
@@ -178,14 +184,7 @@ class Step:
             kwargs["sliding_window"] = window
         if self._windows[group] is not None:  # a long step: its K/V are not all in the pool
             return self._windows[group].attend(layer, query, self._query_start_loc, **kwargs)
-        return self._cache.attend(
-            layer,
-            query,
-            self._tables[group],
-            self._seq_lens,
-            query_start_loc=self._query_start_loc,
-            **kwargs,
-        )
+        return self._ops[group].attend(layer, query, **kwargs)
 
     def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V of every row, contiguous `[sum(seq_lens), heads, head_dim]`
