@@ -19,7 +19,8 @@ from .paged_cache import PagedKVCache
 
 __all__ = ["GroupOps"]
 
-# Keyword arguments of `attend` the prepared decode path takes; any other goes to the launcher.
+# Keyword arguments of `attend` the prepared decode path takes; any other (not None) goes to the
+# launcher.
 _PLANNED_KWARGS = frozenset(("scale", "causal", "sliding_window", "softcap"))
 
 
@@ -76,7 +77,7 @@ class GroupOps:
             self._prepared
             and self._query_start_loc is None
             and "scale" in kwargs
-            and _PLANNED_KWARGS.issuperset(kwargs)
+            and all(v is None or k in _PLANNED_KWARGS for k, v in kwargs.items())
             and cache.takes(query, self._seq_lens.shape[0], query=True)
             and _valid_window(kwargs.get("sliding_window"))
             and _valid_softcap(kwargs.get("softcap"))

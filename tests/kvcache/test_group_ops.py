@@ -76,7 +76,8 @@ def test_a_decode_step_is_planned_once_for_all_layers(monkeypatch):
         for layer in range(3):
             k = torch.randn(len(ids), KV_HEADS, DIM, generator=gen)
             step.write(layer, k, k)
-            step.attend(layer, torch.randn(len(ids), HEADS, DIM, generator=gen), scale=0.3)
+            q = torch.randn(len(ids), HEADS, DIM, generator=gen)
+            step.attend(layer, q, scale=0.3, causal=True, sinks=None, sliding_window=None)
     assert calls == {"plan": 1, "slots": 1}
     # each layer's ops still show in a trace
     assert ops == [("write_kv", "torch"), ("paged_attention", "torch")] * 3
