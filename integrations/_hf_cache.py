@@ -250,8 +250,11 @@ class PagedCache(AttendsThroughStep, Cache):
             check_positions(position_ids, self._fed, spans, q_len, expand)
         ids = None
         if input_ids is not None and tuple(input_ids.shape) == (batch, q_len):
-            rows = input_ids[::expand].tolist()
-            ids = [row[q_len - n :] for row, n in zip(rows, new, strict=True)]
+            if all(n == q_len for n in new):  # every column (decode): the ids as they are
+                ids = input_ids[::expand]
+            else:
+                rows = input_ids[::expand].tolist()
+                ids = [row[q_len - n :] for row, n in zip(rows, new, strict=True)]
         forks = None
         if expand > 1:
             forks = [[self._new_id() for _ in range(expand - 1)] for _ in self._rows]
