@@ -326,8 +326,9 @@ def _attend_padded(query, key_cache, value_cache, block_tables, seq_lens, first_
 def _decode(query, key_cache, value_cache, block_tables, seq_lens, first_col, kv_lens,
             lengths, *, out, scale, sliding_window, softcap, sinks, slot_valid) -> torch.Tensor:  # fmt: skip
     """`paged_attention` of one query per sequence (see `plan_decode`)."""
-    plan = _plan_decode(block_tables, seq_lens, first_col, lengths, key_cache.shape,
-                        sliding_window=sliding_window, slot_valid=slot_valid)  # fmt: skip
+    plan = _plan_decode(block_tables, seq_lens, first_col, lengths, key_cache,
+                        sliding_window=sliding_window, slot_valid=slot_valid,
+                        share=softcap is None and sinks is None)  # fmt: skip
     return _attend_decode(plan, query, key_cache, value_cache, scale=scale, softcap=softcap,
                           sinks=sinks, out=out)  # fmt: skip
 
@@ -342,6 +343,7 @@ class _DecodeBatch(NamedTuple):
     mask: torch.Tensor | None  # [B, 1, 1, max_len] keys seen; None: every key gathered
     hidden: torch.Tensor | None  # [B, max_len, 1, 1] invalid slots to zero; None: tails only
     sees_any: torch.Tensor | None  # [B, 1, 1]: rows that see some key, when one sees none
+    additive: torch.Tensor | None  # `mask` as 0 / -inf, for a plan with a shared prefix
 
 
 class DecodePlan(NamedTuple):
@@ -349,26 +351,31 @@ class DecodePlan(NamedTuple):
     `plan_decode`)."""
 
     perm: torch.Tensor | None  # the rows by length, longest first; None: as given
-    batches: tuple[_DecodeBatch, ...]
+    batches: tuple[_DecodeBatch, ...]  # over the keys after the shared prefix
     cache_shape: torch.Size  # [num_blocks, block_size, Hkv, D]
+    shared: torch.Tensor | None  # blocks every row starts with (beams of one prompt), or None
 
 
-def plan_decode(block_tables, seq_lens, key_cache, *, sliding_window=None,
-                slot_valid=None) -> DecodePlan:  # fmt: skip
+def plan_decode(block_tables, seq_lens, key_cache, *, sliding_window=None, slot_valid=None,
+                share=True) -> DecodePlan:  # fmt: skip
     """The layout of a decode `paged_attention` (one query per sequence) over valid tables:
     worked out once for the layers of a step, which share their tables and lengths (and
     windows, and slot validity); `attend_decode` then runs one layer's attention.
 
     Rows of very different lengths run in a few batches of similar lengths (`_decode_batches`),
     each padded only to its own longest. The plan keeps the blocks each batch gathers and the
-    mask of the keys each row sees."""
+    mask of the keys each row sees. With `share` (attention without softcap or sinks, no
+    window, no invalid slots, on CPU), blocks that every row's table starts with (beams of one
+    prompt) are gathered and attended once for all rows' queries, and merged with each row's
+    own keys by their log-sum-exp."""
     seq_lens = seq_lens.long()
     first_col = _checks.first_block_read(
         seq_lens, None, sliding_window=sliding_window, block_size=key_cache.shape[1]
     )
     kv_lens = seq_lens if first_col is None else seq_lens - first_col * key_cache.shape[1]
-    return _plan_decode(block_tables, seq_lens, first_col, kv_lens.tolist(), key_cache.shape,
-                        sliding_window=sliding_window, slot_valid=slot_valid)  # fmt: skip
+    return _plan_decode(block_tables, seq_lens, first_col, kv_lens.tolist(), key_cache,
+                        sliding_window=sliding_window, slot_valid=slot_valid,
+                        share=share)  # fmt: skip
 
 
 def attend_decode(plan: DecodePlan, query, key_cache, value_cache, *, scale, softcap=None,
@@ -380,10 +387,17 @@ def attend_decode(plan: DecodePlan, query, key_cache, value_cache, *, scale, sof
                           sinks=sinks, out=out)  # fmt: skip
 
 
-def _plan_decode(block_tables, seq_lens, first_col, lengths, cache_shape, *, sliding_window,
-                 slot_valid) -> DecodePlan:  # fmt: skip
+def _plan_decode(block_tables, seq_lens, first_col, lengths, key_cache, *, sliding_window,
+                 slot_valid, share) -> DecodePlan:  # fmt: skip
+    cache_shape = key_cache.shape
     num_blocks, block_size, num_kv_heads, head_dim = cache_shape
     device = block_tables.device
+    shared = None
+    if share and first_col is None and slot_valid is None and device.type == "cpu":
+        shared = _shared_prefix(block_tables, lengths, block_size, num_kv_heads * head_dim)
+        if shared is not None:  # the batches attend each row's keys after it
+            block_tables = block_tables[:, shared.shape[0] :]
+            lengths = [n - shared.shape[0] * block_size for n in lengths]
     order, bounds = _decode_batches(
         tuple(lengths), num_kv_heads * head_dim, _BATCH_COST_ELEMENTS, _MAX_BATCHES
     )
@@ -427,10 +441,40 @@ def _plan_decode(block_tables, seq_lens, first_col, lengths, cache_shape, *, sli
             seen = mask.any(-1)
             if not bool(seen.all()):
                 sees_any = seen[:, None, None]
-        batch_mask = None if mask is None else mask[:, None, None]
+        batch_mask = additive = None
+        if mask is not None:
+            batch_mask = mask[:, None, None]
+            if shared is not None:
+                additive = torch.zeros(batch_mask.shape, dtype=key_cache.dtype, device=device)
+                additive.masked_fill_(~batch_mask, float("-inf"))
         batches.append(_DecodeBatch(rows, block_ids, batch_lengths, max_len, batch_mask,
-                                    hidden, sees_any))  # fmt: skip
-    return DecodePlan(perm, tuple(batches), cache_shape)
+                                    hidden, sees_any, additive))  # fmt: skip
+    return DecodePlan(perm, tuple(batches), cache_shape, shared)
+
+
+# SDPA on CPU that also returns each query row's log-sum-exp (what merging the attention over
+# a shared prefix with a row's own keys needs); None where this torch lacks it.
+_ATTEND_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# Keys a shared prefix must save (rows - 1 times its key rows x KV heads x head_dim) to be
+# attended apart: its attention call and the merge cost about two decode batches.
+_SHARE_MIN_ELEMENTS = 128 * 1024
+
+
+def _shared_prefix(block_tables, lengths, block_size, row_elements) -> torch.Tensor | None:
+    """The leading blocks every row's table holds (beams of one prompt share its blocks), when
+    attending them once saves enough (`_SHARE_MIN_ELEMENTS`); each row keeps at least one key
+    of its own. None otherwise."""
+    num_seqs = len(lengths)
+    cols = (min(lengths) - 1) // block_size  # full blocks before every row's last key
+    if _ATTEND_LSE is None or num_seqs < 2 or cols <= 0:
+        return None
+    if (num_seqs - 1) * cols * block_size * row_elements < _SHARE_MIN_ELEMENTS:
+        return None
+    same = (block_tables[:, :cols] == block_tables[:1, :cols]).all(0)
+    shared = int(same.int().cumprod(0).sum())
+    if shared == 0 or (num_seqs - 1) * shared * block_size * row_elements < _SHARE_MIN_ELEMENTS:
+        return None
+    return block_tables[0, :shared]
 
 
 def _attend_decode(plan, query, key_cache, value_cache, *, scale, softcap, sinks,
@@ -445,6 +489,17 @@ def _attend_decode(plan, query, key_cache, value_cache, *, scale, softcap, sinks
         query = query.index_select(0, plan.perm)
         result = torch.empty_like(query)
     num_q_heads = query.shape[1]
+    group = num_q_heads // num_kv_heads
+    if plan.shared is not None:  # every row's queries over the shared blocks at once
+        num_seqs, shared_len = query.shape[0], plan.shared.shape[0] * block_size
+        shape = (1, shared_len, num_kv_heads, head_dim)
+        keys = key_rows.index_select(0, plan.shared).view(shape).transpose(1, 2)
+        values = value_rows.index_select(0, plan.shared).view(shape).transpose(1, 2)
+        q = query.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)
+        q = q.reshape(1, num_kv_heads, num_seqs * group, head_dim)
+        shared_out, shared_lse = _ATTEND_LSE(q, keys, values, 0.0, False, scale=scale)
+        shared_out = shared_out.view(num_kv_heads, num_seqs, group, head_dim).transpose(0, 1)
+        shared_lse = shared_lse.view(num_kv_heads, num_seqs, group).transpose(0, 1)
     for batch in plan.batches:
         num_seqs, max_len = len(batch.lengths), batch.max_len
         if max_len == 0:
@@ -471,9 +526,14 @@ def _attend_decode(plan, query, key_cache, value_cache, *, scale, softcap, sinks
         else:
             # The query heads that share a KV head as the query rows of one attention (what
             # transformers' SDPA path does for one-token steps): no K/V repeat or broadcast.
-            q = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask,
-                                               scale=scale)  # fmt: skip
+            q = q.reshape(num_seqs, num_kv_heads, group, head_dim)
+            if plan.shared is None:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask,
+                                                   scale=scale)  # fmt: skip
+            else:
+                o, lse = _ATTEND_LSE(q, keys, values, 0.0, False, attn_mask=batch.additive,
+                                     scale=scale)  # fmt: skip
+                o = _merge(shared_out[batch.rows], shared_lse[batch.rows], o, lse)
         o = o.reshape(num_seqs, num_q_heads, head_dim)
         if batch.sees_any is not None:
             o = torch.where(batch.sees_any, o, 0)
@@ -481,6 +541,15 @@ def _attend_decode(plan, query, key_cache, value_cache, *, scale, softcap, sinks
     if plan.perm is None:
         return result
     return (torch.empty_like(query) if out is None else out).index_copy_(0, plan.perm, result)
+
+
+def _merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
+    """Attention over keys A and B from attention over each (outputs `[..., D]`, log-sum-exps
+    `[...]` of their scaled scores): the softmax weights of the two parts, renormalised."""
+    top = torch.maximum(lse_a, lse_b)
+    weight_a, weight_b = (lse_a - top).exp_()[..., None], (lse_b - top).exp_()[..., None]
+    merged = (out_a.float() * weight_a + out_b.float() * weight_b) / (weight_a + weight_b)
+    return merged.to(out_b.dtype)
 
 
 def _block_rows(cache: torch.Tensor) -> torch.Tensor:

@@ -391,3 +391,45 @@ def test_reference_decode_plan_serves_every_layer(make_paged, split, seq_lens, k
         )  # fmt: skip
         assert torch.equal(out, expected)
     assert not out.isnan().any()
+
+
+@pytest.mark.parametrize(
+    "seq_lens, shared_blocks",
+    [
+        pytest.param([300, 300, 300, 300], 18, id="beams-equal"),
+        pytest.param([300, 317, 290, 333], 18, id="beams-ragged"),
+        pytest.param([300, 317, 290, 333], 12, id="part-of-the-prefix"),
+    ],
+)
+def test_reference_decode_shared_prefix(make_paged, seq_lens, shared_blocks):
+    """Rows whose tables start with the same blocks (beams of one prompt): those blocks are
+    attended once for every row's query, then merged with each row's own keys; the result is
+    the attention over each row's whole table."""
+    problem = make_paged(seq_lens, None, 8, 4, 64, 16, torch.float32)
+    tables = problem.block_tables
+    tables[1:, :shared_blocks] = tables[0, :shared_blocks]  # rows 1.. read row 0's first blocks
+    args = (problem.block_tables, problem.seq_lens, problem.key_cache)
+    plan = reference.plan_decode(*args)
+    assert plan.shared is not None and plan.shared.tolist() == tables[0, :shared_blocks].tolist()
+    out = reference.attend_decode(
+        plan, problem.query, problem.key_cache, problem.value_cache, scale=0.125
+    )
+    double = [t.double() for t in (problem.query, problem.key_cache, problem.value_cache)]
+    alone = reference.plan_decode(*args, share=False)
+    assert alone.shared is None
+    expected = reference.attend_decode(alone, *double, scale=0.125)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_decode_shares_only_what_pays(make_paged, monkeypatch):
+    """No shared prefix for rows of distinct blocks, a few shared keys, or one row."""
+    problem = make_paged([300, 317, 290], None, 8, 4, 64, 16, torch.float32)
+    args = (problem.block_tables, problem.seq_lens, problem.key_cache)
+    assert reference.plan_decode(*args).shared is None
+    problem.block_tables[1:, :1] = problem.block_tables[0, :1]  # 16 keys: not worth a call
+    assert reference.plan_decode(*args).shared is None
+    monkeypatch.setattr(reference, "_SHARE_MIN_ELEMENTS", 0)  # even when anything would pay
+    problem.block_tables[1:, :1] = problem.block_tables[0, :1] + 1  # nothing shared
+    assert reference.plan_decode(*args).shared is None
+    one = make_paged([300], None, 8, 4, 64, 16, torch.float32)
+    assert reference.plan_decode(one.block_tables, one.seq_lens, one.key_cache).shared is None
