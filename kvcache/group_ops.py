@@ -56,7 +56,7 @@ class GroupOps:
         self._query_start_loc = query_start_loc
         self._prepared = cache.prepares_steps()
         self._slots = None  # where each token is written (`PagedKVCache.slot_index`), once
-        self._plans: dict = {}  # sliding window -> decode plan (`PagedKVCache.plan_decode`)
+        self._plans: dict = {}  # (window, softcap?) -> decode plan (`PagedKVCache.plan_decode`)
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store one layer's K/V `[num_queries, num_kv_heads, head_dim]` at the step's slots."""
@@ -82,15 +82,18 @@ class GroupOps:
             and _valid_window(kwargs.get("sliding_window"))
             and _valid_softcap(kwargs.get("softcap"))
         ):
-            window = kwargs.get("sliding_window")
-            plan = self._plans.get(window)
+            window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+            key = (window, softcap is not None)
+            plan = self._plans.get(key)
             if plan is None:
-                plan = self._plans[window] = cache.plan_decode(
-                    self._group, self._tables, self._seq_lens, sliding_window=window
+                plan = self._plans[key] = cache.plan_decode(
+                    self._group,
+                    self._tables,
+                    self._seq_lens,
+                    sliding_window=window,
+                    softcap=softcap is not None,
                 )
-            return cache.attend_planned(
-                layer, query, plan, scale=kwargs["scale"], softcap=kwargs.get("softcap")
-            )
+            return cache.attend_planned(layer, query, plan, scale=kwargs["scale"], softcap=softcap)
         return cache.attend(
             layer,
             query,

@@ -179,9 +179,11 @@ class PagedKVCache:
         seq_lens: torch.Tensor,
         *,
         sliding_window: int | None = None,
+        softcap: bool = False,
     ) -> reference.DecodePlan:
         """`reference.plan_decode` of valid tables and lengths of a group, with its slot
-        validity: what `attend_planned` runs each of the group's layers through."""
+        validity: what `attend_planned` runs each of the group's layers through (with
+        `softcap`: layers that cap their scores)."""
         first_layer = self.config.groups[group].layers[0]
         return reference.plan_decode(
             block_tables,
@@ -189,6 +191,7 @@ class PagedKVCache:
             self._keys[first_layer],
             sliding_window=sliding_window,
             slot_valid=self.slot_valid[group] if self.has_holes[group] else None,
+            share=not softcap,
         )
 
     def attend_planned(

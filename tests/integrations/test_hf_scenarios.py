@@ -77,6 +77,20 @@ def llama(helpers):
     return helpers.build_model("llama")
 
 
+@pytest.fixture(params=["as-measured", "forced-splits"])
+def reference_splits(request, monkeypatch):
+    """The CPU attention splits a call where that costs less (a call per prefill row, decodes
+    in batches of similar lengths, a prefix every row shares attended once); these models are
+    too small for most splits to pay, so "forced-splits" takes every one that applies."""
+    if request.param == "forced-splits":
+        from pagedkv.kernels import reference
+
+        for name in ("_CALL_COST", "_BATCH_COST_ELEMENTS", "_SHARE_MIN_ELEMENTS"):
+            monkeypatch.setattr(reference, name, 0)
+    return request.param
+
+
+@pytest.mark.usefixtures("reference_splits")
 @pytest.mark.parametrize("mask", sorted(MASKS))
 @pytest.mark.parametrize(
     "mode",
