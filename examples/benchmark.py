@@ -7,11 +7,11 @@
 
 Sections (each on the same model, stock and paged in the same run):
   decode    batched greedy decode, left-padded prompts of mixed lengths 16..512, 64 new tokens:
-            time ratio (goal <= 1.10x stock) and KV memory ratio (goal <= 0.6x)
-  beams     4-beam search on a 1k-token prompt, 64 new tokens: time ratio (goal <= 1.0x) and
+            time ratio (goal <= 1.0x stock) and KV memory ratio (goal <= 0.6x)
+  beams     4-beam search on a 1k-token prompt, 64 new tokens: time ratio (goal <= 0.95x) and
             KV memory ratio (goal <= 0.5x)
   prefix    a second call whose prompt shares a 1k-token prefix with the first call's: its time
-            vs stock on the same prompt (goal <= 0.1x). The second call asks for
+            vs stock on the same prompt (goal <= 0.08x). The second call asks for
             `--prefix-new-tokens` tokens (default 1: the time to the first token, the part
             prefix reuse saves; the decode steps after it cost the same on both sides)
   manager   the manager's per-step overhead: one decode step for N sequences = plan a step
@@ -281,7 +281,7 @@ def bench_decode(bench: Bench, args) -> dict:
     blocks = _blocks_for(bench, [m + args.new_tokens for m in lengths])
     r = compare(bench, "decode", pad_left(prompts, bench.pad_id, bench.device), kwargs, blocks)
     r["setup"] = f"batch {n}, prompts {lo}..{hi} tokens, {args.new_tokens} new tokens, greedy"
-    r["goals"] = {"time_ratio": 1.10, "memory_ratio": 0.6}
+    r["goals"] = {"time_ratio": 1.0, "memory_ratio": 0.6}  # time: issue 13
     return r
 
 
@@ -296,7 +296,7 @@ def bench_beams(bench: Bench, args) -> dict:
         f"{args.num_beams} beams, 1 prompt of {args.beam_prompt} tokens, "
         f"{args.new_tokens} new tokens"
     )
-    r["goals"] = {"time_ratio": 1.0, "memory_ratio": 0.5}
+    r["goals"] = {"time_ratio": 0.95, "memory_ratio": 0.5}  # time: issue 13
     return r
 
 
@@ -320,7 +320,7 @@ def bench_prefix(bench: Bench, args) -> dict:
         f"second call: {args.prefix_len}-token shared prefix + 16 new prompt tokens, "
         f"{args.prefix_new_tokens} new token(s)"
     )
-    r["goals"] = {"time_ratio": 0.1}
+    r["goals"] = {"time_ratio": 0.08}  # issue 13
     r.pop("memory_ratio")
     return r
 
