@@ -120,6 +120,8 @@ def as_token_list(token_ids: object, name: str = "token_ids") -> list[int]:
         return token_ids.tolist()
     if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
         raise ValueError(f"{name} must be a sequence of ints; got {token_ids!r}")
+    if set(map(type, token_ids)) <= {int}:  # plain ints (a prompt's .tolist()): one C pass
+        return list(token_ids)
     bad = next((t for t in token_ids if not _is_int(t)), None)
     if bad is not None:
         raise ValueError(f"{name} must hold integers; got {bad!r} in {list(token_ids)!r}")
