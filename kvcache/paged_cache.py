@@ -211,11 +211,19 @@ class PagedKVCache:
         )
 
     def gather(
-        self, layer: int, block_tables: torch.Tensor, seq_lens: torch.Tensor
+        self,
+        layer: int,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        num_tokens: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contiguous K and V `[sum(seq_lens), num_kv_heads, head_dim]`, sequences packed."""
+        """Contiguous K and V `[sum(seq_lens), num_kv_heads, head_dim]`, sequences packed.
+        `num_tokens`: sum(seq_lens) if the caller knows it (spares a device->host sync)."""
         self._check_layer(layer)
-        return gather_kv(self._keys[layer], self._values[layer], block_tables, seq_lens)
+        return gather_kv(
+            self._keys[layer], self._values[layer], block_tables, seq_lens, num_tokens=num_tokens
+        )
 
     def copy(self, group: int, block_mapping: Sequence[tuple[int, int]] | torch.Tensor) -> None:
         """Copy whole blocks of a group (its layers, K and V) from src to dst: `[(src, dst),
@@ -224,8 +232,8 @@ class PagedKVCache:
         if mapping.numel() == 0:
             return
         mapping = mapping.to(self.device)
-        layers = self.config.groups[group].layers
-        copy_blocks([self._keys[i] for i in layers], [self._values[i] for i in layers], mapping)
+        pool = self.pools[group]  # every layer of the group, stacked: checked once, one launch
+        copy_blocks(pool[:, :, 0], pool[:, :, 1], mapping)
         if self.has_holes[group]:
             valid = self.slot_valid[group]
             valid[mapping[:, 1]] = valid[mapping[:, 0]]

@@ -61,6 +61,7 @@ class Step:
         "_slot_mappings",
         "_tables",
         "_seq_lens",
+        "_num_keys",
         "_query_start_loc",
         "_windows",
         "_ops",
@@ -104,7 +105,9 @@ class Step:
             if not growth.children
             else (s.seq_id for st, kids in zip(growth.states, growth.children) for s in (st, *kids))
         )
-        self._seq_lens = torch.from_numpy(seqs.lengths[shape.rows].astype(np.int32)).to(device)
+        lengths = seqs.lengths[shape.rows]
+        self._seq_lens = torch.from_numpy(lengths.astype(np.int32)).to(device)
+        self._num_keys = int(lengths.sum())  # known on the host: a gather needs no device sync
         self._query_start_loc = (
             None
             if shape.queries is None
@@ -191,7 +194,9 @@ class Step:
         (a full-attention layer: a sliding one holds only its window)."""
         self._check_open("gather")
         group = self._cache.config.layer_groups[layer][0]
-        return self._cache.gather(layer, self._tables[group], self._seq_lens)
+        return self._cache.gather(
+            layer, self._tables[group], self._seq_lens, num_tokens=self._num_keys
+        )
 
     def _check_open(self, what: str) -> None:
         if self._state != "open":
