@@ -46,6 +46,7 @@ LAUNCHER_GOAL_US = 15.0  # issue 13: per public launcher call
 LAYER_GOAL_US = 2 * LAUNCHER_GOAL_US + 10.0
 KERNEL_MODULES = ("write_kv", "attention", "copy_blocks", "gather_kv")
 _KERNEL_NAME = re.compile(r"^_\w+_kernel(_tuned)?$")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also when imported
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -70,15 +71,10 @@ class Figure:
 
 def per_call_us(fn: Callable[[], object], repeats: int, inner: int) -> list[float]:
     """Microseconds per call of `fn`, one figure per repeat of `inner` calls (after a warm-up)."""
-    for _ in range(max(2, inner // 10)):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner * 1e6)
-    return samples
+    from _common import wall_times  # torch only: kernels are not imported before the stubs
+
+    fn()  # a second warm-up call: the first may build what later calls reuse
+    return [seconds * 1e6 for seconds in wall_times(fn, repeats, inner)]
 
 
 def launcher_figure(name: str, samples: list[float]) -> Figure:
@@ -289,7 +285,6 @@ def bench_hf_step(args) -> tuple[list[Figure], list[tuple[str, int, int]]]:
     # transformers >= 5.24 renamed past_key_values to cache; the old name works through 5.x
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import random_llama
 
     from pagedkv.integrations import _hf_attention
